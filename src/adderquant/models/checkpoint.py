@@ -1,0 +1,62 @@
+"""Loading released AdderNet checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict on the CPU with ``weights_only=True``, unwrapping ``state_dict`` and
+    stripping a ``module.`` (DataParallel) prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path}; pass --checkpoint PATH or set $ADDERQUANT_MODELS"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {e.__class__.__name__}: {str(e).splitlines()[0]} "
+            "(a truncated or non-PyTorch file?)"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a released checkpoint into ``model``; any missing, unexpected or mis-shaped key is an
+    error that lists them."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {path} does not fit {model.__class__.__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if shapes:
+            lines.append(f"  shape mismatches: {'; '.join(shapes[:10])}")
+        lines.append("  is --model the architecture this checkpoint was trained with?")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+    return model
