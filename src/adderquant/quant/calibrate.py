@@ -1,0 +1,107 @@
+"""Calibration: statistics of every adder layer's input over calibration batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from adderquant.quant.layers import adder_layers
+
+
+class ActivationObserver:
+    """Running statistics of one layer's input.
+
+    Keeps the exact min and max, the maximum over batches of a per-batch quantile of ``|x|``
+    (``quantile``), a uniform random sample of ``sample_per_batch`` values per batch (for
+    histograms, quantiles and clipping searches) and the full inputs of the first
+    ``keep_images`` images (for searches that need the layer's output).
+    """
+
+    def __init__(
+        self,
+        quantile: float = 0.9997,
+        sample_per_batch: int = 4096,
+        keep_images: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.quantile = quantile
+        self.sample_per_batch = sample_per_batch
+        self.keep_images = keep_images
+        self.generator = torch.Generator().manual_seed(seed)
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.batch_quantile_max = 0.0
+        self.count = 0
+        self.samples: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor, name: str = "") -> None:
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"non-finite (NaN/inf) activations at the input of adder layer {name!r} during "
+                "calibration; check the model's weights and the input normalisation"
+            )
+        flat = x.flatten()
+        self.min = min(self.min, float(flat.min()))
+        self.max = max(self.max, float(flat.max()))
+        self.batch_quantile_max = max(self.batch_quantile_max, batch_abs_quantile(flat, self.quantile))
+        self.count += flat.numel()
+        k = min(self.sample_per_batch, flat.numel())
+        idx = torch.randint(0, flat.numel(), (k,), generator=self.generator)
+        self.samples.append(flat[idx])
+        kept = sum(len(t) for t in self.inputs)
+        if kept < self.keep_images:
+            self.inputs.append(x[: self.keep_images - kept].clone())
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """All sampled values, concatenated."""
+        return torch.cat(self.samples) if self.samples else torch.empty(0)
+
+    @property
+    def kept_inputs(self) -> torch.Tensor:
+        return torch.cat(self.inputs) if self.inputs else torch.empty(0)
+
+
+def batch_abs_quantile(flat: torch.Tensor, q: float) -> float:
+    """The ``q``-quantile of ``|x|`` in one batch, taken as the value at sorted index
+    ``int(q · n)`` (clamped to the last element)."""
+    a = flat.abs()
+    k = min(int(q * a.numel()), a.numel() - 1)
+    return float(torch.kthvalue(a, k + 1).values)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    make_observer=ActivationObserver,
+    progress: bool = True,
+) -> dict[str, ActivationObserver]:
+    """Run ``model`` (eval mode) over ``batches`` and observe the input of every adder layer."""
+    layers = adder_layers(model)
+    if not layers:
+        raise ValueError("the model has no adder layers (adderquant.nn.Adder2d) to quantize")
+    observers = {name: make_observer() for name in layers}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, name=name: observers[name].update(args[0], name)
+        )
+        for name, layer in layers.items()
+    ]
+    model.eval()
+    seen = 0
+    try:
+        for x, _ in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+            model(x)
+            seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen == 0:
+        raise ValueError("the calibration set is empty")
+    return observers
