@@ -8,6 +8,8 @@ from pathlib import Path
 DATA_ENV = "ADDERQUANT_DATA"
 MODELS_ENV = "ADDERQUANT_MODELS"
 DEFAULT_CHECKPOINTS = {"resnet20": "resnet20-adder-cifar10.pth"}
+# Where Debian's dataset packages (e.g. ``dataset-fashion-mnist``) install their files.
+SYSTEM_DATASETS = Path("/usr/share/datasets")
 
 
 def _shared_candidates(sub: str) -> list[Path]:
@@ -25,6 +27,19 @@ def data_root(flag: str | os.PathLike | None = None) -> Path:
         if cand.is_dir():
             return cand
     return Path("data")
+
+
+def dataset_dirs(name: str, flag: str | os.PathLike | None = None) -> list[Path]:
+    """Folders that may hold the files of dataset ``name``, in lookup order.
+
+    With ``flag``: ``flag/name`` then ``flag`` itself. Without: ``$ADDERQUANT_DATA/name``, the
+    ``../shared/data/name`` folders, then ``/usr/share/datasets/name`` (Debian packages).
+    """
+    if flag:
+        return [Path(flag) / name, Path(flag)]
+    roots = [Path(os.environ[DATA_ENV])] if os.environ.get(DATA_ENV) else []
+    roots += _shared_candidates("data") + [SYSTEM_DATASETS]
+    return [root / name for root in roots]
 
 
 def models_root(flag: str | os.PathLike | None = None) -> Path:

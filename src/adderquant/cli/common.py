@@ -24,9 +24,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="state dict to load (default: the released checkpoint of --model)")
     p.add_argument("--data", default=None,
-                   help="dataset root (default: $ADDERQUANT_DATA, then ../shared/data)")
+                   help="dataset root (default: $ADDERQUANT_DATA, then ../shared/data; "
+                   "Fashion-MNIST also /usr/share/datasets)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the model's)")
     p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use only the first N test images (default: all)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -48,7 +51,12 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 
 def test_loader(args: argparse.Namespace) -> TensorLoader:
+    """Batches of the test set of ``--dataset`` (its first ``--limit`` images if given)."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     images, labels = load_dataset(dataset_name(args), args.data, train=False)
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
     return TensorLoader(images, labels, dataset_name(args), batch_size=args.batch_size)
 
 

@@ -1,18 +1,25 @@
 """Datasets (CIFAR, MNIST/Fashion-MNIST), normalisation, augmentation and batching."""
 
-from adderquant.data.cifar import DatasetNotFoundError, load_cifar
-from adderquant.data.loader import TensorLoader, load_dataset
-from adderquant.data.safe_pickle import UnsafePickleError, safe_load
+from adderquant.data.cifar import load_cifar
+from adderquant.data.errors import CorruptDatasetError, DatasetNotFoundError
+from adderquant.data.idx import load_idx_dataset, read_idx
+from adderquant.data.loader import DATASETS, TensorLoader, load_dataset
+from adderquant.data.safe_pickle import CorruptPickleError, UnsafePickleError, safe_load
 from adderquant.data.transforms import NORMALISATION, normalize, random_crop_flip
 
 __all__ = [
+    "DATASETS",
     "NORMALISATION",
+    "CorruptDatasetError",
+    "CorruptPickleError",
     "DatasetNotFoundError",
     "TensorLoader",
     "UnsafePickleError",
     "load_cifar",
     "load_dataset",
+    "load_idx_dataset",
     "normalize",
     "random_crop_flip",
+    "read_idx",
     "safe_load",
 ]

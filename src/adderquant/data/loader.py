@@ -8,19 +8,25 @@ from pathlib import Path
 import torch
 
 from adderquant.data.cifar import load_cifar
+from adderquant.data.idx import IDX_VARIANTS, load_idx_dataset
 from adderquant.data.transforms import NORMALISATION, normalize, random_crop_flip
 from adderquant.paths import data_root
 
-DATASETS = ("cifar10", "cifar100")
+DATASETS = ("cifar10", "cifar100", *IDX_VARIANTS)
 
 
 def load_dataset(
     name: str, root: str | Path | None = None, train: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw ``(uint8 images, int64 labels)`` of a named dataset from ``root`` (default
-    locations: ``$ADDERQUANT_DATA``, then ``../shared/data``)."""
+    """Raw ``(uint8 images N x C x H x W, int64 labels)`` of a named dataset.
+
+    ``root`` defaults to ``$ADDERQUANT_DATA``, then ``../shared/data``; MNIST and Fashion-MNIST
+    are also looked for in ``/usr/share/datasets/<name>`` (see ``paths.dataset_dirs``).
+    """
     if name in ("cifar10", "cifar100"):
         return load_cifar(data_root(root), name, train)
+    if name in IDX_VARIANTS:
+        return load_idx_dataset(name, root, train)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

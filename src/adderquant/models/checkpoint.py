@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -24,14 +22,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # malformed files fail in many ways (zip, pickle, struct, key...)
+        first_line = next(iter(str(e).splitlines()), "")
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {e.__class__.__name__}: {str(e).splitlines()[0]} "
+            f"cannot read checkpoint {path}: {e.__class__.__name__}: {first_line} "
             "(a truncated or non-PyTorch file?)"
         ) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
