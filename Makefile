@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(KERNELS)
 	touch $@
 
 demo: install
-	$(VENV)/bin/adderquant eval
+	$(VENV)/bin/adderquant reproduce
 
 test: install
 	$(PY) -m pytest -q

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
-COMMANDS = ("eval",)
+COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

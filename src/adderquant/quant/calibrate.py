@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from adderquant.quant.layers import adder_layers
+from adderquant.quant.observers import batch_abs_quantiles, summarize_batch
 
 
 class ActivationObserver:
     """Running statistics of one layer's input.
 
     Keeps the exact min and max, the maximum over batches of a per-batch quantile of ``|x|``
-    (``quantile``), a uniform random sample of ``sample_per_batch`` values per batch (for
-    histograms, quantiles and clipping searches) and the full inputs of the first
-    ``keep_images`` images (for searches that need the layer's output).
+    (``quantile``, index ``int(q·n)``) in ``batch_quantile_max``, the same maximum for every
+    further ``(rule, q)`` of ``requests`` in ``quantile_maxima`` (rules of
+    :mod:`adderquant.quant.observers`, e.g. the released code's ``("released", 0.9997)``), a
+    uniform random sample of ``sample_per_batch`` values per batch (for histograms, quantiles
+    and clipping searches) and the full inputs of the first ``keep_images`` images (for
+    searches that need the layer's output).
     """
 
     def __init__(
@@ -26,36 +31,56 @@ class ActivationObserver:
         sample_per_batch: int = 4096,
         keep_images: int = 0,
         seed: int = 0,
+        requests: Sequence[tuple[str, float]] = (),
     ) -> None:
         self.quantile = quantile
+        self.requests = tuple(dict.fromkeys([("plain", quantile), *requests]))
         self.sample_per_batch = sample_per_batch
         self.keep_images = keep_images
         self.generator = torch.Generator().manual_seed(seed)
         self.min = float("inf")
         self.max = float("-inf")
-        self.batch_quantile_max = 0.0
+        self.quantile_maxima: dict[tuple[str, float], float] = dict.fromkeys(self.requests, 0.0)
         self.count = 0
+        self.batches = 0
         self.samples: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] = []
 
+    @property
+    def batch_quantile_max(self) -> float:
+        """Maximum over batches of the per-batch ``quantile`` of ``|x|`` (plain index rule)."""
+        return self.quantile_maxima[("plain", self.quantile)]
+
+    def threshold(self, rule: str, q: float) -> float:
+        """Maximum over batches of the per-batch ``(rule, q)`` quantile of ``|x|``."""
+        if (rule, q) not in self.quantile_maxima:
+            raise KeyError(
+                f"the observer did not track the {rule} {q}-quantile; add ({rule!r}, {q}) to "
+                "its requests before calibrating"
+            )
+        return self.quantile_maxima[(rule, q)]
+
     def update(self, x: torch.Tensor, name: str = "") -> None:
         x = x.detach().float()
-        if not torch.isfinite(x).all():
+        flat = x.flatten()
+        lo, hi, quantiles = summarize_batch(flat, self.requests)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates into min/max
             raise ValueError(
                 f"non-finite (NaN/inf) activations at the input of adder layer {name!r} during "
                 "calibration; check the model's weights and the input normalisation"
             )
-        flat = x.flatten()
-        self.min = min(self.min, float(flat.min()))
-        self.max = max(self.max, float(flat.max()))
-        self.batch_quantile_max = max(self.batch_quantile_max, batch_abs_quantile(flat, self.quantile))
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        for request, value in zip(self.requests, quantiles, strict=True):
+            self.quantile_maxima[request] = max(self.quantile_maxima[request], value)
         self.count += flat.numel()
+        self.batches += 1
         k = min(self.sample_per_batch, flat.numel())
         idx = torch.randint(0, flat.numel(), (k,), generator=self.generator)
-        self.samples.append(flat[idx])
+        self.samples.append(flat[idx.to(flat.device)].cpu())
         kept = sum(len(t) for t in self.inputs)
         if kept < self.keep_images:
-            self.inputs.append(x[: self.keep_images - kept].clone())
+            self.inputs.append(x[: self.keep_images - kept].cpu().clone())
 
     @property
     def sample(self) -> torch.Tensor:
@@ -70,9 +95,7 @@ class ActivationObserver:
 def batch_abs_quantile(flat: torch.Tensor, q: float) -> float:
     """The ``q``-quantile of ``|x|`` in one batch, taken as the value at sorted index
     ``int(q · n)`` (clamped to the last element)."""
-    a = flat.abs()
-    k = min(int(q * a.numel()), a.numel() - 1)
-    return float(torch.kthvalue(a, k + 1).values)
+    return batch_abs_quantiles(flat, [("plain", q)])[0]
 
 
 @torch.no_grad()

@@ -64,14 +64,17 @@ def weight_codes(
 ) -> torch.Tensor:
     """``clamp(round((w/Δ + z)/r), w_min, w_max)``."""
     r = codes.weight_ratio
-    return torch.clamp(torch.round((w / scale + zero_point) / r), codes.weight_min, codes.weight_max)
+    q = torch.round((w / scale + zero_point) / r)
+    return torch.clamp(q, codes.weight_min, codes.weight_max)
 
 
 def fake_quant_act(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, codes: CodeRange
 ) -> torch.Tensor:
-    """Quantize then dequantize activations: ``Δ·(q_x − z)``."""
-    return (act_codes(x, scale, zero_point, codes) - zero_point) * scale
+    """Quantize then dequantize activations: ``Δ·(q_x − z)``, computed as
+    ``Δ·clamp(round(x/Δ), −z, 2^b − 1 − z)`` in place on one new tensor."""
+    y = torch.div(x, scale).round_()
+    return y.clamp_(-zero_point, codes.act_max - zero_point).mul_(scale)
 
 
 def dequant_weight(

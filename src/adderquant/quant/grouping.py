@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 FEATURES = ("max_abs", "mean_abs", "std", "range")
 
@@ -37,7 +39,8 @@ def kmeans_groups(values: torch.Tensor, groups: int, seed: int = 0) -> torch.Ten
     if groups == n:
         return torch.argsort(torch.argsort(values)).long()
     data = values.detach().double().numpy().reshape(-1, 1)
-    with warnings.catch_warnings():
+    # one thread: a few dozen points, where OpenMP start-up and contention dominate
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")  # fewer distinct values than clusters
         km = KMeans(n_clusters=groups, init="k-means++", n_init=10, random_state=seed).fit(data)
     order = np.argsort(km.cluster_centers_.ravel())
@@ -49,5 +52,13 @@ def kmeans_groups(values: torch.Tensor, groups: int, seed: int = 0) -> torch.Ten
 def group_filters(
     weight: torch.Tensor, groups: int, feature: str = "max_abs", seed: int = 0
 ) -> torch.Tensor:
-    """Group label (0..G−1) of every output filter of ``weight``."""
-    return kmeans_groups(filter_feature(weight, feature), groups, seed)
+    """Group label (0..G−1) of every output filter of ``weight`` (memoised: the same layer is
+    grouped once for every bit width and configuration of a run)."""
+    values = filter_feature(weight, feature).cpu()
+    return _cached_groups(values.numpy().tobytes(), groups, seed).clone()
+
+
+@lru_cache(maxsize=1024)
+def _cached_groups(values: bytes, groups: int, seed: int) -> torch.Tensor:
+    return kmeans_groups(torch.from_numpy(np.frombuffer(values, dtype=np.float64).copy()),
+                         groups, seed)

@@ -11,8 +11,11 @@ Fields (buffers, saved with the model):
 - ``bias`` float32 (C_out): any further additive correction (e.g. bias correction), else zeros.
 
 The output is ``−Σ|x̂ − ŵ| + clamp_bias + bias`` = ``−Δ_g·Σ|q_x − r·q_w| + clamp_bias + bias``.
-All groups are computed in one call of the adder kernel: the per-group quantized copies of the
-input are stacked along channels and the filters of each group form one convolution group.
+Groups that share a grid are computed together. When the grids hold about equally many filters,
+all are computed in one call of the adder kernel: the per-grid quantized copies of the input
+are stacked along channels and the filters of each grid form one convolution group (padded with
+unused filters to the largest grid). When padding would add more than a quarter of the work, the
+kernel is called once per grid instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from adderquant.nn import Adder2d
 from adderquant.ops import adder2d
 from adderquant.quant.clamp import lossless_clamp
 from adderquant.quant.grid import CodeRange, dequant_weight, fake_quant_act, weight_codes
+
+STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped kernel call
 
 
 class QuantAdder2d(nn.Module):
@@ -112,33 +117,51 @@ class QuantAdder2d(nn.Module):
         z = self.zero_point.view(1, -1, 1, 1, 1).float()
         return fake_quant_act(x.unsqueeze(1), s, z, self.codes)
 
-    def _stacked_slots(self) -> tuple[torch.Tensor, int]:
-        """Slot of each output channel when the filters of each group are padded to the size
-        of the largest group: ``slot = g·M + rank within g``."""
-        g = self.num_groups
-        sizes = torch.bincount(self.group, minlength=g)
-        order = torch.argsort(self.group, stable=True)
+    def _grids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The distinct ``(scale, zero point)`` grids of the groups: their scales, zero points
+        and the grid of every output channel. Groups on one grid are computed together."""
+        pairs = torch.stack([self.scale.double(), self.zero_point.double()], dim=1)
+        grids, grid_of_group = torch.unique(pairs, dim=0, return_inverse=True)
+        return grids[:, 0].to(self.scale.dtype), grids[:, 1], grid_of_group[self.group]
+
+    @staticmethod
+    def _stacked_slots(label: torch.Tensor, g: int) -> tuple[torch.Tensor, int]:
+        """Slot of each output channel when the filters of each of the ``g`` grids are padded
+        to the size ``M`` of the largest: ``slot = grid·M + rank within the grid``."""
+        sizes = torch.bincount(label, minlength=g)
+        order = torch.argsort(label, stable=True)
         starts = torch.cumsum(sizes, 0) - sizes
-        rank = torch.empty_like(self.group)
-        rank[order] = torch.arange(len(order)) - starts[self.group[order]]
+        rank = torch.empty_like(label)
+        rank[order] = torch.arange(len(order), device=label.device) - starts[label[order]]
         m = int(sizes.max())
-        return self.group * m + rank, m
+        return label * m + rank, m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_hat = self.dequantized_weight()
-        x_hat = self.quantize_input(x)
+        scales, zero_points, label = self._grids()
+        g, c_out = len(scales), w_hat.shape[0]
         geometry = (self.stride, self.padding, self.dilation)
-        if self.num_groups == 1:
-            y = adder2d(x_hat[:, 0], w_hat, None, *geometry, eta=None)
+        if g == 1:
+            x_hat = fake_quant_act(x, scales[0], zero_points[0], self.codes)
+            y = adder2d(x_hat, w_hat, None, *geometry, eta=None)
         else:
-            slot, m = self._stacked_slots()
-            w_stack = w_hat.new_zeros((self.num_groups * m,) + w_hat.shape[1:])
-            w_stack[slot] = w_hat
-            n, g, c, h, wd = x_hat.shape
-            y = adder2d(
-                x_hat.reshape(n, g * c, h, wd), w_stack, None, *geometry,
-                groups=self.num_groups, eta=None,
-            )[:, slot]
+            x_hat = fake_quant_act(
+                x.unsqueeze(1), scales.view(1, -1, 1, 1, 1), zero_points.view(1, -1, 1, 1, 1),
+                self.codes,
+            )
+            slot, m = self._stacked_slots(label, g)
+            if g * m <= STACKED_WASTE * c_out:  # one grouped call, little padding
+                w_stack = w_hat.new_zeros((g * m,) + w_hat.shape[1:])
+                w_stack[slot] = w_hat
+                n, _, c, h, wd = x_hat.shape
+                y = adder2d(
+                    x_hat.reshape(n, g * c, h, wd), w_stack, None, *geometry, groups=g, eta=None
+                )[:, slot]
+            else:  # unbalanced grids: one call per grid, no padded filters
+                parts = [torch.nonzero(label == j).squeeze(1) for j in range(g)]
+                outs = [adder2d(x_hat[:, j], w_hat[idx], None, *geometry, eta=None)
+                        for j, idx in enumerate(parts)]
+                y = torch.cat(outs, dim=1)[:, torch.argsort(torch.cat(parts))]
         return y + (self.clamp_bias + self.bias).view(1, -1, 1, 1)
 
     def get_extra_state(self) -> dict:

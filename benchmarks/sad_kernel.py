@@ -1,0 +1,108 @@
+"""Throughput of the integer SAD kernel against float32 ``F.conv2d`` and the float adder kernel.
+
+ResNet-20 adder-layer shapes at batch 128, all three run in this one process on the same
+threads. ``--json`` prints one object whose ``sad_vs_conv2d`` and ``sad_vs_float_adder`` are
+geometric means over the shapes of throughput ratios (> 1 means the SAD kernel is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from adderquant.engine.sad import active_path, available_paths, sad_conv2d
+from adderquant.ops import adder2d
+
+# (name, C_in, C_out, kernel, stride, input size)
+SHAPES = [
+    ("16-16 3x3 s1 32x32", 16, 16, 3, 1, 32),
+    ("16-32 3x3 s2 32x32", 16, 32, 3, 2, 32),
+    ("32-32 3x3 s1 16x16", 32, 32, 3, 1, 16),
+    ("32-64 3x3 s2 16x16", 32, 64, 3, 2, 16),
+    ("64-64 3x3 s1 8x8", 64, 64, 3, 1, 8),
+    ("16-32 1x1 s2 32x32", 16, 32, 1, 2, 32),
+    ("32-64 1x1 s2 16x16", 32, 64, 1, 2, 16),
+]
+
+
+def seconds_per_call(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of ``reps`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_shape(
+    c_in: int, c_out: int, k: int, stride: int, size: int, batch: int, reps: int, path: str | None
+) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    pad = k // 2
+    x = torch.rand(batch, c_in, size, size, generator=gen)
+    w = torch.randn(c_out, c_in, k, k, generator=gen)
+    qx = torch.randint(0, 256, x.shape, dtype=torch.uint8, generator=gen)
+    qw = torch.randint(0, 256, w.shape, dtype=torch.uint8, generator=gen)
+    return {
+        "sad_s": seconds_per_call(lambda: sad_conv2d(qx, qw, stride, pad, path=path), reps),
+        "conv2d_s": seconds_per_call(lambda: F.conv2d(x, w, None, stride, pad), reps),
+        "float_adder_s": seconds_per_call(lambda: adder2d(x, w, None, stride, pad), reps),
+    }
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--path", choices=available_paths(), default=None,
+                        help="force a SAD kernel path (default: the widest available)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    for name, c_in, c_out, k, stride, size in SHAPES:
+        t = bench_shape(c_in, c_out, k, stride, size, args.batch, args.reps, args.path)
+        rows.append({"shape": name, **{key: round(v, 6) for key, v in t.items()},
+                     "sad_vs_conv2d": t["conv2d_s"] / t["sad_s"],
+                     "sad_vs_float_adder": t["float_adder_s"] / t["sad_s"]})
+    summary = {
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "path": args.path or active_path(),
+        "sad_vs_conv2d": geometric_mean([r["sad_vs_conv2d"] for r in rows]),
+        "sad_vs_float_adder": geometric_mean([r["sad_vs_float_adder"] for r in rows]),
+        "shapes": rows,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"batch {args.batch}, {summary['threads']} threads, SAD path {summary['path']}; "
+          "milliseconds per call (median), ratios > 1 = SAD faster")
+    print(f"{'shape':<20} {'SAD':>9} {'conv2d':>9} {'adder':>9} {'vs conv2d':>10} {'vs adder':>9}")
+    for r in rows:
+        print(f"{r['shape']:<20} {1e3 * r['sad_s']:9.2f} {1e3 * r['conv2d_s']:9.2f} "
+              f"{1e3 * r['float_adder_s']:9.2f} {r['sad_vs_conv2d']:10.2f} "
+              f"{r['sad_vs_float_adder']:9.2f}")
+    print(f"{'geometric mean':<50} {summary['sad_vs_conv2d']:10.2f} "
+          f"{summary['sad_vs_float_adder']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""``adderquant analyze NAME``: the paper's analyses, each writing a table and a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from adderquant.cli.common import (
+    add_model_args,
+    build_model,
+    dataset_name,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from adderquant.quant.analysis import (
+    ABLATION,
+    FEATURE_VARIANTS,
+    GROUPS,
+    Experiment,
+    accuracy_table,
+    bn_investigation,
+    format_accuracy_table,
+    format_sweep,
+    histograms,
+    outlier_requests,
+    outlier_variants,
+    plot_accuracy_vs_bits,
+    plot_sweep,
+    sweep,
+)
+from adderquant.quant.config import add_config_args, config_from_args
+from adderquant.quant.methods import REPRODUCE_ROWS, method_names
+from adderquant.quant.report import json_ready
+
+SWEEPS = {
+    "ablation": (ABLATION, "parts of the method on/off"),
+    "groups": (GROUPS, "number of groups G"),
+    "feature": (FEATURE_VARIANTS, "clustering feature"),
+    "outliers": (None, "discarded activation outliers"),
+}
+ANALYSES = (*SWEEPS, "histograms", "bits", "bn")
+DEFAULT_LAYERS = ["layer1.0.conv1", "layer2.0.conv1", "layer3.2.conv2"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze", help="the paper's analyses (ablation, groups, feature, outliers, ...)",
+        description="ablation: grouping / weight clamp / outlier clamp on and off; groups: "
+        "G in 1,2,4,8,16,per-channel; feature: the clustering feature; outliers: share of "
+        "discarded activations 0-1 %%; histograms: weights and inputs of --layers; bits: "
+        "accuracy vs bits of every method; bn: BatchNorm re-estimation and bias correction. "
+        "The configuration flags set the base that each analysis varies.",
+    )
+    p.add_argument("name", choices=ANALYSES, help="which analysis")
+    add_model_args(p)
+    p.add_argument("--out", default="runs/analysis", metavar="DIR",
+                   help="folder for NAME.md, NAME.json and NAME.png (default: %(default)s)")
+    p.add_argument("--sweep-bits", type=int, nargs="+", default=[6, 4],
+                   help="bit widths of the sweeps (default: %(default)s)")
+    p.add_argument("--layers", nargs="+", default=DEFAULT_LAYERS,
+                   help="layers for histograms (default: %(default)s)")
+    p.add_argument("--bn-images", type=int, default=2048,
+                   help="images per source for the BatchNorm statistics (default: 2048)")
+    add_config_args(p, method_names())
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    base = config_from_args(args)
+    extra = outlier_requests() if args.name == "outliers" else ()
+    exp = Experiment.load(build_model(args), dataset_name(args), args.data, args.limit,
+                          extra_requests=extra, progress=not args.no_progress)
+    exp.check_split(base)
+    out = Path(args.out)
+    png = out / f"{args.name}.png"
+    fp = exp.run(base.replace(method="fp"))[1]["top1"]
+    if args.name in SWEEPS:
+        variants, title = SWEEPS[args.name]
+        variants = variants or outlier_variants()
+        data = sweep(exp, variants, args.sweep_bits, base)
+        table = format_sweep(data, title)
+        plot_sweep(data, png, f"{title} ({base.method}), full precision {fp:.1f} %", fp)
+    elif args.name == "histograms":
+        data, table = histograms(exp, base, args.layers, png)
+    elif args.name == "bits":
+        data = accuracy_table(exp, REPRODUCE_ROWS, args.sweep_bits, base)
+        table = format_accuracy_table(data)
+        plot_accuracy_vs_bits(data, png)
+    else:
+        data, table = bn_investigation(exp, base, args.sweep_bits, args.bn_images, png)
+    n_test = sum(len(y) for _, y in exp.test)
+    text = (f"{args.name}: test top-1 (%) on the {n_test}-image test subset "
+            f"(full precision {fp:.1f} %); base configuration: method {base.method}\n\n{table}")
+    write_bytes_atomic(out / f"{args.name}.md", (text + "\n").encode())
+    write_json_atomic(out / f"{args.name}.json",
+                      json_ready({"config": base.as_dict(), "fp_top1": fp, "rows": data}))
+    print(text)
+    print(f"\nwrote {out}/{args.name}.md, .json and .png in {time.perf_counter() - start:.0f} s")
+    return 0

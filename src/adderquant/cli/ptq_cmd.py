@@ -1,0 +1,79 @@
+"""``adderquant ptq``: post-training quantization of a model, saved to a file, with its test
+top-1 and a per-layer report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from adderquant.cli.common import (
+    add_model_args,
+    build_model,
+    dataset_name,
+    test_loader,
+    write_json_atomic,
+)
+from adderquant.evaluate import evaluate
+from adderquant.quant.config import add_config_args, config_from_args
+from adderquant.quant.io import save_quantized
+from adderquant.quant.methods import FULL_PRECISION, method_names
+from adderquant.quant.ptq import CalibrationSet, ptq
+from adderquant.quant.report import format_table, json_ready
+from adderquant.quant.samegrid import METHOD as DEFAULT_METHOD
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ptq", help="quantize a model after training (calibrate, group, clamp, quantize)",
+        description="Quantize every adder layer of a trained model, save it, print its test "
+        "top-1 and a per-layer report. Every configuration field is a flag.",
+    )
+    add_model_args(p)
+    p.add_argument("--out", metavar="FILE", help="write the quantized model here")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_args(p, method_names())
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg = config_from_args(args, defaults={"method": DEFAULT_METHOD})
+    model = build_model(args)
+    dataset = dataset_name(args)
+    calib = CalibrationSet.from_config(cfg, dataset, args.data)
+    show = not args.no_progress and not args.json
+    qmodel, report = ptq(model, calib, cfg, progress=show)
+    result = evaluate(qmodel, test_loader(args), progress=show)
+    report["seconds"]["evaluate"] = result.seconds
+    report["seconds"]["total"] = time.perf_counter() - start
+    report.update(model=args.model, dataset=dataset, test=result.as_dict())
+    if args.out:
+        num_classes = 100 if dataset == "cifar100" else 10
+        save_quantized(args.out, qmodel, args.model, num_classes, report["config"], report)
+    if args.report:
+        write_json_atomic(args.report, json_ready(report))
+    if args.json:
+        print(json.dumps(json_ready({
+            "model": args.model, "method": cfg.method, "bits": cfg.bits, "top1": result.top1,
+            "top5": result.top5, "images": result.total, "seconds": report["seconds"],
+            "out": args.out, "config": report["config"], "layers": report["layers"],
+            "mixed_precision": report.get("mixed_precision"),
+        })))
+        return 0
+    if report["layers"]:
+        print(format_table(report["layers"]))
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items())
+    mixed = report.get("mixed_precision")
+    label = (
+        "full precision" if cfg.method == FULL_PRECISION
+        else f"{cfg.method} mixed precision, {mixed['average_bits']:.2f} bits on average"
+        if mixed else f"{cfg.method} W{cfg.bits}A{cfg.bits}"
+    )
+    print(f"{args.model} {label} on {dataset} test "
+          f"({result.total} images): top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  "
+          f"[{steps}]")
+    if args.out:
+        print(f"saved {args.out}")
+    return 0

@@ -1,0 +1,86 @@
+"""The ptq, reproduce and analyze commands on the real data (small settings), and the slow
+accuracy targets on the 1,000-image test subset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adderquant.cli import main
+from adderquant.quant.analysis import Experiment
+from adderquant.quant.config import PTQConfig
+from adderquant.quant.io import load_quantized
+
+TINY = ["--calib-batches", "1", "--calib-batch-size", "16", "--limit", "40",
+        "--batch-size", "40", "--no-progress"]
+
+
+def model_args(root: Path, checkpoint: Path) -> list[str]:
+    return ["--data", str(root), "--checkpoint", str(checkpoint)]
+
+
+def test_ptq_command_saves_a_model_that_loads_and_scores_the_same(
+    shared_data_root, released_checkpoint, tmp_path, capsys
+) -> None:
+    out = tmp_path / "q.pt"
+    code = main(["ptq", "--bits", "6", "--groups", "2", "--report-images", "2", "--json",
+                 "--out", str(out), "--report", str(tmp_path / "r.json"), *TINY,
+                 *model_args(shared_data_root, released_checkpoint)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "paper" and result["bits"] == 6 and result["images"] == 40
+    assert len(result["layers"]) == 20 and result["seconds"]["total"] > 0
+    assert all(len(e["group_sizes"]) == 2 for e in result["layers"])
+    model, payload = load_quantized(out)
+    assert payload["config"]["groups"] == 2
+    code = main(["ptq", "--method", "fp", "--json", *TINY,
+                 *model_args(shared_data_root, released_checkpoint)])
+    assert code == 0 and json.loads(capsys.readouterr().out)["layers"] == []
+
+
+def test_ptq_command_reports_bad_settings(shared_data_root, released_checkpoint, capsys) -> None:
+    args = model_args(shared_data_root, released_checkpoint)
+    assert main(["ptq", "--bits", "9", *TINY, *args]) == 2
+    assert "from 2 to 8" in capsys.readouterr().err
+    assert main(["ptq", "--groups", "17", *TINY, *args]) == 2
+    assert "exceeds the 16 output channels" in capsys.readouterr().err
+    assert main(["ptq", "--calib-pool", "60000", *TINY, *args]) == 2
+    assert "exceeds the 50000 training images" in capsys.readouterr().err
+
+
+def test_reproduce_and_analyze_write_their_tables(
+    shared_data_root, released_checkpoint, tmp_path, capsys
+) -> None:
+    args = model_args(shared_data_root, released_checkpoint)
+    code = main(["reproduce", "--out", str(tmp_path), "--bits", "8", "--methods", "fp", "qssf",
+                 "--agreement-images", "40", "--json", str(tmp_path / "rows.json"),
+                 "--bias-correction-batches", "1", *TINY, *args])
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["bits"]) for r in rows] == [("fp", None), ("qssf", 8)]
+    assert rows[0]["agreement"] == 100.0 and rows == json.loads((tmp_path / "rows.json")
+                                                                .read_text())
+    assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0
+    assert "| qssf |" in (tmp_path / "table.md").read_text()
+    capsys.readouterr()
+    code = main(["analyze", "histograms", "--out", str(tmp_path), "--layers",
+                 "layer1.0.conv1", *TINY, *args])
+    assert code == 0
+    assert "| layer1.0.conv1 |" in (tmp_path / "histograms.md").read_text()
+    assert (tmp_path / "histograms.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_paper_method_meets_the_targets_and_beats_the_shared_scale(
+    released_resnet20, shared_data_root
+) -> None:
+    exp = Experiment.load(released_resnet20, "cifar10", shared_data_root)
+    targets = {8: 90.8, 6: 90.6, 5: 90.2, 4: 89.6}
+    base = PTQConfig()
+    for bits, target in targets.items():
+        paper = exp.run(base.replace(bits=bits))[1]["top1"]
+        qssf = exp.run(base.replace(method="qssf", qssf_source="max", bits=bits))[1]["top1"]
+        assert paper >= target, (bits, paper)
+        assert paper > qssf + 5, (bits, paper, qssf)

@@ -1,0 +1,141 @@
+"""QuantAdder2d and the registered layer quantizers against integer-code references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adderquant.nn import Adder2d
+from adderquant.ops.reference import adder2d_reference
+from adderquant.quant.calibrate import ActivationObserver
+from adderquant.quant.config import PTQConfig
+from adderquant.quant.grid import CodeRange
+from adderquant.quant.layers import QuantAdder2d
+from adderquant.quant.methods import get_method, method_names, resolve_groups
+
+
+def integer_reference(layer: QuantAdder2d, x: torch.Tensor) -> torch.Tensor:
+    """``−Δ_g·Σ|q_x − 2·q_w|`` channel by channel, from integer codes (int64), plus biases."""
+    codes = layer.codes
+    out = []
+    for t in range(layer.weight_codes.shape[0]):
+        g = int(layer.group[t])
+        step = float(layer.scale[g])
+        qx = torch.clamp(torch.round(x.double() / step), 0, codes.act_max).long()
+        cols = F.unfold(qx.double(), layer.weight_codes.shape[2:], padding=layer.padding,
+                        stride=layer.stride).long()  # zero padding is code 0
+        qw = layer.weight_codes[t].flatten().long().view(1, -1, 1)
+        sad = (cols - codes.weight_ratio * qw).abs().sum(dim=1)  # exact integers
+        out.append(-step * sad.double())
+    n = x.shape[0]
+    ho = (x.shape[2] + 2 * layer.padding[0] - layer.weight_codes.shape[2]) // layer.stride[0] + 1
+    y = torch.stack(out, dim=1).view(n, -1, ho, ho)
+    return y + (layer.clamp_bias + layer.bias).double().view(1, -1, 1, 1)
+
+
+def make_layer(group: list[int], scales: list[float], bits: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c_out = len(group)
+    float_layer = Adder2d(3, c_out, 3, stride=1, padding=1)
+    float_layer.adder.data = torch.randn(c_out, 3, 3, 3, generator=g) * 3
+    scale = torch.tensor(scales)
+    codes = CodeRange.paper(bits)
+    limit = scale * codes.act_max
+    q = QuantAdder2d.from_float(float_layer, torch.tensor(group), scale,
+                                torch.zeros(len(scales), dtype=torch.int32), codes,
+                                -limit, limit)
+    x = torch.rand(2, 3, 6, 6, generator=g) * 2
+    return float_layer, q, x
+
+
+@pytest.mark.parametrize(
+    ("group", "scales"),
+    [
+        ([0, 1, 0, 1, 1, 0], [0.1, 0.2]),  # balanced: one grouped kernel call
+        ([2, 0, 1, 0, 0, 0, 0, 0], [0.1, 0.15, 0.3]),  # unbalanced: one call per grid
+        ([1, 0, 1, 2, 0, 2], [0.1, 0.2, 0.1]),  # two groups on one grid: merged
+        ([3, 1, 0, 2], [0.05, 0.1, 0.2, 0.4]),  # one channel per group
+    ],
+)
+def test_groups_are_computed_on_their_grid_and_put_back_in_channel_order(group, scales) -> None:
+    _, q, x = make_layer(group, scales)
+    y = q(x).double()
+    ref = integer_reference(q, x)
+    assert torch.allclose(y, ref, rtol=1e-6, atol=1e-3)
+    # the same computation for a permuted channel order gives the permuted output
+    perm = torch.randperm(len(group), generator=torch.Generator().manual_seed(3))
+    permuted = QuantAdder2d(q.weight_codes[perm], q.group[perm], q.scale, q.zero_point,
+                            q.clamp_bias[perm], q.codes, q.stride, q.padding, q.dilation,
+                            q.bias[perm])
+    assert torch.allclose(permuted(x), y[:, perm].float(), rtol=1e-6, atol=1e-3)
+
+
+def test_clamped_quantized_layer_matches_the_float_layer_at_8_bits() -> None:
+    float_layer, q, x = make_layer([0, 1, 0, 1], [2.0 / 255, 2.5 / 255], bits=8)
+    y, y_hat = float_layer(x), q(x)
+    assert (y - y_hat).abs().max() / y.abs().max() < 0.01
+
+
+def observer_for(x: torch.Tensor) -> ActivationObserver:
+    obs = ActivationObserver(requests=[("released", 0.9997)])
+    obs.update(x)
+    return obs
+
+
+def test_g1_without_clamp_equals_a_single_scale_quantizer() -> None:
+    g = torch.Generator().manual_seed(5)
+    layer = Adder2d(4, 8, 3, padding=1)
+    layer.adder.data = torch.randn(8, 4, 3, 3, generator=g) * 10
+    x = torch.rand(2, 4, 7, 7, generator=g).double() * 3
+    bits = 5
+    cfg = PTQConfig(bits=bits, grouping=False, weight_clamp=False)
+    q, report = get_method("paper")("l", layer, observer_for(x.float()), bits, cfg)
+    # the single-scale quantizer written out: s = max|W|, Δ = s/(2^b − 1)
+    w = layer.adder.detach().double()
+    step = w.abs().max() / (2**bits - 1)
+    x_hat = step * torch.clamp(torch.round(x / step), 0, 2**bits - 1)
+    w_hat = 2 * step * torch.clamp(torch.round(w / (2 * step)), -(2 ** (bits - 1)),
+                                   2 ** (bits - 1) - 1)
+    ref = adder2d_reference(x_hat, w_hat, None, 1, 1)
+    assert torch.allclose(q(x.float()).double(), ref, rtol=1e-5, atol=1e-3)
+    assert report["group_sizes"] == [8] and report["weights_clamped"] == 0.0
+    # qssf with the scale from the weights is the same quantizer
+    q2, _ = get_method("qssf")("l", layer, observer_for(x.float()), bits,
+                               cfg.replace(method="qssf", qssf_source="weights"))
+    assert torch.equal(q2(x.float()), q(x.float()))
+
+
+def test_paper_group_scale_is_min_of_group_max_and_threshold() -> None:
+    g = torch.Generator().manual_seed(6)
+    layer = Adder2d(2, 6, 1)
+    w = torch.rand(6, 2, 1, 1, generator=g) * 0.2 - 0.1  # three small filters: max|w| < A
+    w[3:, 0] = torch.tensor([40.0, -50.0, 60.0]).view(3, 1, 1)  # and three large ones
+    layer.adder.data = w
+    x = torch.rand(64, 2, 4, 4, generator=g) * 2
+    cfg = PTQConfig(bits=8, groups=2, act_clip="max")
+    q, report = get_method("paper")("l", layer, observer_for(x), 8, cfg)
+    a = float(x.max())
+    small = float(w[:3].abs().max())
+    assert sorted(report["group_sizes"]) == [3, 3]
+    assert sorted(report["ranges"]) == pytest.approx([small, a], rel=1e-6)
+    assert q.clamp_bias[:3].abs().max() == 0 and (q.clamp_bias[3:] < 0).all()
+    # large filters: clamped losslessly, the 8-bit output is close to the float one; small
+    # filters: their inputs share the group grid, so they are clipped at the group's max|w|
+    y, y_hat = layer(x), q(x)
+    big = slice(3, 6)
+    assert ((y - y_hat)[:, big].abs().mean() / y[:, big].std()) < 0.01
+    y_small = layer(x.clamp_max(small))[:, :3]
+    assert (y_small - y_hat[:, :3]).abs().max() < 2 * small / 255 * 2
+
+
+def test_groups_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds the 16 output channels"):
+        resolve_groups(PTQConfig(groups=32), 16)
+    assert resolve_groups(PTQConfig(groups="per-channel"), 16) == 16
+    assert resolve_groups(PTQConfig(grouping=False, groups=8), 16) == 1
+    with pytest.raises(ValueError, match="positive integer"):
+        PTQConfig(groups=0)
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        get_method("nope")
+    assert {"fp", "paper", "qssf"} <= set(method_names())

@@ -1,0 +1,141 @@
+"""The PTQ pipeline, its configuration, saving/loading and the repairs (BN, bias)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from adderquant.models import create_model
+from adderquant.nn import Adder2d
+from adderquant.quant.bn import correct_adder_bias, reestimate_bn
+from adderquant.quant.config import PTQConfig, add_config_args, config_from_args
+from adderquant.quant.io import load_quantized, save_quantized
+from adderquant.quant.layers import QuantAdder2d
+from adderquant.quant.methods import method_names
+from adderquant.quant.ptq import CalibrationSet, collect_statistics, ptq, quantize_model
+
+FAST = {"calib_batches": 1, "calib_batch_size": 4, "report_images": 1,
+        "bias_correction_batches": 1, "bn_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    m = create_model("resnet20")
+    with torch.no_grad():  # give the random model BN statistics that fit its adder outputs
+        reestimate_bn(m, [(torch.randn(16, 3, 32, 32), None)], momentum=None)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def calib() -> CalibrationSet:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return CalibrationSet(images, torch.zeros(64, dtype=torch.long), "cifar10", batch_size=8)
+
+
+def test_ptq_quantizes_adder_layers_only_and_is_deterministic(model, calib) -> None:
+    cfg = PTQConfig(bits=6, layer_bits={"layer3.2.conv2": 8}, bias_correction="float-input",
+                    **FAST)
+    q1, report = ptq(model, calib, cfg)
+    q2, _ = ptq(model, calib, cfg)
+    assert isinstance(q1.conv1, nn.Conv2d) and isinstance(q1.fc, nn.Conv2d)
+    assert torch.equal(q1.conv1.weight, model.conv1.weight)
+    quant = {n: m for n, m in q1.named_modules() if isinstance(m, QuantAdder2d)}
+    assert len(quant) == 20 and not any(isinstance(m, Adder2d) for m in q1.modules())
+    assert quant["layer3.2.conv2"].bits == 8 and quant["layer1.0.conv1"].bits == 6
+    state1, state2 = q1.state_dict(), q2.state_dict()
+    assert all(torch.equal(state1[k], state2[k]) for k in state1 if k.endswith(
+        ("weight_codes", "scale", "bias", "running_mean")))
+    assert {e["layer"] for e in report["layers"]} == set(quant)
+    assert all("sqnr_db" in e and "bias_correction_mean_abs" in e for e in report["layers"])
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(q1(x), q2(x))
+    assert any(isinstance(m, Adder2d) for m in model.modules())  # the input is untouched
+
+
+def test_bias_correction_removes_the_mean_error_of_each_layer(model, calib) -> None:
+    cfg = PTQConfig(bits=4, **FAST)
+    observers = collect_statistics(model, calib, cfg)
+    plain, _ = quantize_model(model, observers, cfg)
+    corrected, _ = quantize_model(model, observers, cfg)
+    correct_adder_bias(corrected, model, calib.batches(2), inputs="float")
+    x = calib.batches(1).__iter__().__next__()[0]
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in model.named_modules() if isinstance(m, Adder2d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    name = "layer2.1.conv1"
+    ref = model.get_submodule(name)(inputs[name])
+    err_plain = (ref - plain.get_submodule(name)(inputs[name])).mean(dim=(0, 2, 3)).abs()
+    err_corr = (ref - corrected.get_submodule(name)(inputs[name])).mean(dim=(0, 2, 3)).abs()
+    assert err_corr.mean() < 0.2 * err_plain.mean()
+
+
+def test_bn_reestimation_recomputes_running_statistics() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(32, 3, 5, 5) * 2 + 1
+    reestimate_bn(m, [(x[:16], None), (x[16:], None)], momentum=None)
+    y = m[0](x)
+    assert torch.allclose(m[1].running_mean, y.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not m.training and m[1].momentum == 0.1
+    with pytest.raises(ValueError, match="no batches"):
+        reestimate_bn(m, [])
+
+
+def test_pipeline_errors(model, calib) -> None:
+    with pytest.raises(ValueError, match="no adder layers"):
+        ptq(nn.Sequential(nn.Conv2d(3, 4, 1)), calib, PTQConfig(**FAST))
+    with pytest.raises(ValueError, match="unknown adder layers"):
+        ptq(model, calib, PTQConfig(layer_bits={"nope": 4}, **FAST))
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        ptq(model, [], PTQConfig(**FAST))
+    with pytest.raises(ValueError, match=r"layer_bits\['x'\].*from 2 to 8"):
+        PTQConfig(layer_bits={"x": 9})
+    with pytest.raises(ValueError, match="from 2 to 8"):
+        PTQConfig(bits=1)
+
+
+def test_save_and_load_rebuild_the_quantized_model(model, calib, tmp_path) -> None:
+    cfg = PTQConfig(bits=5, groups="per-channel", **FAST)
+    q, report = ptq(model, calib, cfg)
+    path = tmp_path / "q.pt"
+    save_quantized(path, q, "resnet20", 10, cfg.as_dict(), report)
+    loaded, payload = load_quantized(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), q(x))
+    assert payload["config"]["groups"] == "per-channel" and payload["model"] == "resnet20"
+    assert loaded.get_submodule("layer2.0.conv1").num_groups == 32
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable quantized model"):
+        load_quantized(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError):
+        load_quantized(tmp_path / "missing.pt")
+
+
+def test_config_from_file_preset_and_flags(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, method_names())
+    (tmp_path / "c.yaml").write_text("bits: 5\ngroups: 8\nact_clip: mse\n")
+    (tmp_path / "c.json").write_text(json.dumps({"bits": 3, "weight_clamp": False}))
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--groups", "per-channel",
+                              "--layer-bits", "layer1.0.conv1=8", "--no-grouping",
+                              "--bn-momentum", "none"])
+    cfg = config_from_args(args)
+    assert (cfg.bits, cfg.groups, cfg.act_clip, cfg.grouping) == (5, "per-channel", "mse", False)
+    assert cfg.layer_bits == {"layer1.0.conv1": 8} and cfg.bn_momentum is None
+    cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.json"),
+                                              "--preset", "faithful"]))
+    assert (cfg.bits, cfg.weight_clamp, cfg.bn_reestimate) == (3, True, True)
+    assert PTQConfig.from_file(tmp_path / "c.json").weight_clamp is False
+    (tmp_path / "bad.yaml").write_text("bitz: 4\n")
+    with pytest.raises(ValueError, match=r"unknown configuration field\(s\) \['bitz'\]"):
+        PTQConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--act-clip", "median"])
