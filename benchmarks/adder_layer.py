@@ -4,7 +4,8 @@ For every adder layer shape of ResNet-20 (CIFAR, batch 128) and one ResNet-18 sh
 forward and forward+backward passes of ``adderquant.ops.adder2d``, of the plain PyTorch reference
 (smaller batch, scaled per image) and of ``F.conv2d`` on the same shape, in one process.
 Times are the best of ``--repeats`` runs after one warm-up run, the kernel and ``F.conv2d``
-interleaved so that a burst of other work on the machine slows both alike.
+interleaved so that a burst of other work on the machine slows both alike; ``--clock cpu``
+measures process CPU time instead of wall time.
 
     python benchmarks/adder_layer.py            # table
     python benchmarks/adder_layer.py --json     # one JSON object (geometric-mean ratios)
@@ -85,17 +86,22 @@ class Result:
         return self.reference_fwd / self.kernel_fwd
 
 
-def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Best wall time in seconds of each of ``fns`` over ``repeats`` rounds (after a warm-up
-    round); each round runs every function once, so a burst of load hits them alike."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_times(fns: list[Callable[[], object]], repeats: int, clock: str) -> list[float]:
+    """Best time in seconds (``clock``: wall or process CPU time) of each of ``fns`` over
+    ``repeats`` rounds after a warm-up round; each round runs every function once, so a burst of
+    load hits them alike."""
+    now = CLOCKS[clock]
     for fn in fns:
         fn()
     best = [math.inf] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
+            start = now()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], now() - start)
     return best
 
 
@@ -115,7 +121,7 @@ def passes(layer: Callable, x: torch.Tensor, w: torch.Tensor) -> list[Callable[[
     return [forward, forward_backward]
 
 
-def measure(shape: Shape, repeats: int, reference_repeats: int) -> Result:
+def measure(shape: Shape, repeats: int, reference_repeats: int, clock: str) -> Result:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(shape.batch, shape.c_in, shape.size, shape.size, generator=gen)
     w = torch.randn(shape.c_out, shape.c_in, shape.kernel, shape.kernel, generator=gen)
@@ -124,6 +130,7 @@ def measure(shape: Shape, repeats: int, reference_repeats: int) -> Result:
         passes(lambda a, b: adder2d(a, b, None, s, p), x, w)
         + passes(lambda a, b: F.conv2d(a, b, None, s, p), x, w),
         repeats,
+        clock,
     )
     out = (shape.size + 2 * p - shape.kernel) // s + 1
     unfolded = shape.c_out * shape.c_in * shape.kernel**2 * out * out * x.element_size()
@@ -131,6 +138,7 @@ def measure(shape: Shape, repeats: int, reference_repeats: int) -> Result:
     r_fwd, r_all = best_times(
         passes(lambda a, b: adder2d_reference(a, b, None, s, p), x[:ref_batch], w),
         reference_repeats,
+        clock,
     )
     per_image = 1e3 / shape.batch
     per_ref_image = 1e3 / ref_batch
@@ -145,10 +153,11 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def summary(results: list[Result]) -> dict:
+def summary(results: list[Result], clock: str) -> dict:
     return {
         "simd": _kernel.simd_path(),
         "threads": torch.get_num_threads(),
+        "clock": clock,
         "fwd_vs_conv2d": geometric_mean([r.fwd_vs_conv2d for r in results]),
         "fwdbwd_vs_conv2d": geometric_mean([r.fwdbwd_vs_conv2d for r in results]),
         "fwd_vs_reference": geometric_mean([r.fwd_vs_reference for r in results]),
@@ -161,8 +170,8 @@ def summary(results: list[Result]) -> dict:
 
 
 def print_table(results: list[Result], info: dict) -> None:
-    print(f"adder layer, ms per image (SIMD path {info['simd']}, {info['threads']} threads); "
-          "ratios are throughput (>1: the kernel is faster)")
+    print(f"adder layer, {info['clock']} ms per image (SIMD path {info['simd']}, threads "
+          f"{info['threads']}); ratios are throughput (>1: the kernel is faster)")
     header = (f"{'layer':<27}{'batch':>6}{'fwd':>8}{'f+b':>8}{'conv fwd':>9}{'conv f+b':>9}"
               f"{'ref fwd':>9}{'ref f+b':>9}{'fwd/conv':>9}{'f+b/conv':>9}{'fwd/ref':>8}")
     print(header)
@@ -185,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--simd", default="auto", choices=("auto", *_kernel.SIMD_PATHS),
                         help="kernel instruction-set path")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall time, or CPU time of the process (all threads, steadier on a "
+                        "busy machine; compare like with like at --threads 1)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.reference_repeats < 1:
         parser.error("--repeats and --reference-repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     _kernel.select_simd(args.simd)
-    results = [measure(s, args.repeats, args.reference_repeats) for s in SHAPES]
-    info = summary(results)
+    results = [measure(s, args.repeats, args.reference_repeats, args.clock) for s in SHAPES]
+    info = summary(results, args.clock)
     if args.json:
         print(json.dumps(info))
     else:

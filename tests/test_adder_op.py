@@ -18,6 +18,7 @@ RTOL = 1e-4
 
 
 def _available_paths() -> list[str]:
+    """The instruction-set paths this CPU can run."""
     paths = []
     for name in _kernel.SIMD_PATHS:
         try:
@@ -146,6 +147,24 @@ def test_more_threads_than_images():
         check_against_reference(case)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gradients_are_reproducible_bit_for_bit():
+    """Per-thread weight-gradient sums are combined in thread order, not in finishing order."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 16, 16, 16, generator=gen)
+    w = torch.randn(32, 16, 3, 3, generator=gen, requires_grad=True)
+    grad_out = torch.randn(12, 32, 16, 16, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        first, second = (
+            torch.autograd.grad(adder2d(x, w, None, 1, 1, eta=None), (w,), grad_out)[0]
+            for _ in range(2)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, second)
 
 
 def test_simd_path_is_reported_and_selectable():

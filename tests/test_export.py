@@ -161,5 +161,8 @@ def test_export_and_infer_commands(quantized, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 20 and result["reference"] == "fakequant-float32"
     assert 0.0 <= result["top1"] <= 100.0 and 0.0 <= result["agreement"] <= 100.0
+    assert main(["infer", str(out), "--engine", "fakequant", "--limit", "8", "--reference",
+                 "float32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["agreement"] == 100.0  # the same model
     assert main(["infer", str(tmp_path / "missing")]) == 2
     assert "not a deployment package" in capsys.readouterr().err

@@ -13,8 +13,8 @@ from adderquant.quant.analysis import Experiment
 from adderquant.quant.config import PTQConfig
 from adderquant.quant.io import load_quantized
 
-TINY = ["--calib-batches", "1", "--calib-batch-size", "16", "--limit", "40",
-        "--batch-size", "40", "--no-progress"]
+TINY = ["--calib-batches", "1", "--calib-batch-size", "16", "--bias-correction-batches", "1",
+        "--limit", "40", "--batch-size", "40", "--no-progress"]
 
 
 def model_args(root: Path, checkpoint: Path) -> list[str]:
@@ -25,8 +25,8 @@ def test_ptq_command_saves_a_model_that_loads_and_scores_the_same(
     shared_data_root, released_checkpoint, tmp_path, capsys
 ) -> None:
     out = tmp_path / "q.pt"
-    code = main(["ptq", "--bits", "6", "--groups", "2", "--report-images", "2", "--json",
-                 "--out", str(out), "--report", str(tmp_path / "r.json"), *TINY,
+    code = main(["ptq", "--method", "paper", "--bits", "6", "--groups", "2", "--report-images",
+                 "2", "--json", "--out", str(out), "--report", str(tmp_path / "r.json"), *TINY,
                  *model_args(shared_data_root, released_checkpoint)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
@@ -42,9 +42,9 @@ def test_ptq_command_saves_a_model_that_loads_and_scores_the_same(
 
 def test_ptq_command_reports_bad_settings(shared_data_root, released_checkpoint, capsys) -> None:
     args = model_args(shared_data_root, released_checkpoint)
-    assert main(["ptq", "--bits", "9", *TINY, *args]) == 2
+    assert main(["ptq", "--method", "paper", "--bits", "9", *TINY, *args]) == 2
     assert "from 2 to 8" in capsys.readouterr().err
-    assert main(["ptq", "--groups", "17", *TINY, *args]) == 2
+    assert main(["ptq", "--method", "paper", "--groups", "17", *TINY, *args]) == 2
     assert "exceeds the 16 output channels" in capsys.readouterr().err
     assert main(["ptq", "--calib-pool", "60000", *TINY, *args]) == 2
     assert "exceeds the 50000 training images" in capsys.readouterr().err
@@ -55,8 +55,8 @@ def test_reproduce_and_analyze_write_their_tables(
 ) -> None:
     args = model_args(shared_data_root, released_checkpoint)
     code = main(["reproduce", "--out", str(tmp_path), "--bits", "8", "--methods", "fp", "qssf",
-                 "--agreement-images", "40", "--json", str(tmp_path / "rows.json"),
-                 "--bias-correction-batches", "1", *TINY, *args])
+                 "--agreement-images", "40", "--json", str(tmp_path / "rows.json"), *TINY,
+                 *args])
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["bits"]) for r in rows] == [("fp", None), ("qssf", 8)]
@@ -65,8 +65,8 @@ def test_reproduce_and_analyze_write_their_tables(
     assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0
     assert "| qssf |" in (tmp_path / "table.md").read_text()
     capsys.readouterr()
-    code = main(["analyze", "histograms", "--out", str(tmp_path), "--layers",
-                 "layer1.0.conv1", *TINY, *args])
+    code = main(["analyze", "histograms", "--method", "paper", "--out", str(tmp_path),
+                 "--layers", "layer1.0.conv1", *TINY, *args])
     assert code == 0
     assert "| layer1.0.conv1 |" in (tmp_path / "histograms.md").read_text()
     assert (tmp_path / "histograms.png").stat().st_size > 0

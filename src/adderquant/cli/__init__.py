@@ -10,20 +10,23 @@ import sys
 COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every sub-command, or with ``only`` one of them (which then imports
+    only that command's dependencies)."""
     parser = argparse.ArgumentParser(
         prog="adderquant",
         description="Adder neural networks: evaluation, quantization, integer deployment.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"adderquant.cli.{name}_cmd").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

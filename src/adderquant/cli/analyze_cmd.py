@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "accuracy vs bits of every method; bn: BatchNorm re-estimation and bias correction. "
         "The configuration flags set the base that each analysis varies.",
     )
-    p.add_argument("name", choices=ANALYSES, help="which analysis")
+    p.add_argument("names", nargs="+", choices=ANALYSES, metavar="NAME",
+                   help=f"analyses to run, sharing one calibration: {', '.join(ANALYSES)}")
     add_model_args(p)
     p.add_argument("--out", default="runs/analysis", metavar="DIR",
                    help="folder for NAME.md, NAME.json and NAME.png (default: %(default)s)")
@@ -69,33 +70,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     base = config_from_args(args)
-    extra = outlier_requests() if args.name == "outliers" else ()
+    extra = outlier_requests() if "outliers" in args.names else ()
     exp = Experiment.load(build_model(args), dataset_name(args), args.data, args.limit,
                           extra_requests=extra, progress=not args.no_progress)
     exp.check_split(base)
-    out = Path(args.out)
-    png = out / f"{args.name}.png"
     fp = exp.run(base.replace(method="fp"))[1]["top1"]
-    if args.name in SWEEPS:
-        variants, title = SWEEPS[args.name]
-        variants = variants or outlier_variants()
-        data = sweep(exp, variants, args.sweep_bits, base)
+    for name in dict.fromkeys(args.names):
+        analyze(name, exp, base, fp, args)
+    print(f"\nfinished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def analyze(name: str, exp: Experiment, base, fp: float, args: argparse.Namespace) -> None:
+    """Run one analysis; write NAME.md, NAME.json and NAME.png under ``--out``."""
+    out = Path(args.out)
+    png = out / f"{name}.png"
+    if name in SWEEPS:
+        variants, title = SWEEPS[name]
+        data = sweep(exp, variants or outlier_variants(), args.sweep_bits, base)
         table = format_sweep(data, title)
         plot_sweep(data, png, f"{title} ({base.method}), full precision {fp:.1f} %", fp)
-    elif args.name == "histograms":
+    elif name == "histograms":
         data, table = histograms(exp, base, args.layers, png)
-    elif args.name == "bits":
+    elif name == "bits":
         data = accuracy_table(exp, REPRODUCE_ROWS, args.sweep_bits, base)
         table = format_accuracy_table(data)
         plot_accuracy_vs_bits(data, png)
     else:
         data, table = bn_investigation(exp, base, args.sweep_bits, args.bn_images, png)
     n_test = sum(len(y) for _, y in exp.test)
-    text = (f"{args.name}: test top-1 (%) on the {n_test}-image test subset "
+    text = (f"{name}: test top-1 (%) on the {n_test}-image test subset "
             f"(full precision {fp:.1f} %); base configuration: method {base.method}\n\n{table}")
-    write_bytes_atomic(out / f"{args.name}.md", (text + "\n").encode())
-    write_json_atomic(out / f"{args.name}.json",
+    write_bytes_atomic(out / f"{name}.md", (text + "\n").encode())
+    write_json_atomic(out / f"{name}.json",
                       json_ready({"config": base.as_dict(), "fp_top1": fp, "rows": data}))
     print(text)
-    print(f"\nwrote {out}/{args.name}.md, .json and .png in {time.perf_counter() - start:.0f} s")
-    return 0
+    print(f"wrote {out}/{name}.md, .json and .png")

@@ -57,13 +57,15 @@ def build_engine(args: argparse.Namespace, package: Package) -> Callable:
 
 @torch.no_grad()
 def predict(fn: Callable, loader: TensorLoader, progress: bool, desc: str):
-    """(top-1 predictions, labels, seconds) of ``fn`` over the loader."""
+    """(top-1 predictions, labels, wall seconds, CPU seconds of this process) of ``fn`` over
+    the loader, data normalisation included."""
     preds, labels = [], []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         preds.append(fn(x).argmax(dim=1))
         labels.append(y)
-    return torch.cat(preds), torch.cat(labels), time.perf_counter() - start
+    return (torch.cat(preds), torch.cat(labels), time.perf_counter() - start,
+            time.process_time() - cpu)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,18 +83,19 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and not args.json
 
     engine = build_engine(args, package)
-    preds, truth, seconds = predict(engine, loader, progress, args.engine)
+    preds, truth, seconds, cpu_seconds = predict(engine, loader, progress, args.engine)
     result = {
         "engine": args.engine, "package": str(args.package), "dataset": dataset,
         "split": args.split, "images": len(truth),
         "top1": 100.0 * float((preds == truth).float().mean()),
-        "seconds": round(seconds, 3), "images_per_second": round(len(truth) / seconds, 1),
+        "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+        "images_per_second": round(len(truth) / seconds, 1),
         "threads": torch.get_num_threads(),
     }
     if args.reference != "none":
         dtype = torch.float64 if args.reference == "float64" else torch.float32
         reference = fakequant_model(package).to(dtype)
-        ref_preds, _, _ = predict(lambda x: reference(x.to(dtype)), loader, progress,
+        ref_preds, *_ = predict(lambda x: reference(x.to(dtype)), loader, progress,
                                   f"fakequant {args.reference}")
         result["reference"] = f"fakequant-{args.reference}"
         result["agreement"] = 100.0 * float((preds == ref_preds).float().mean())

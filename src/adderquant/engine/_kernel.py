@@ -29,6 +29,8 @@ _SIGNATURES: dict[str, tuple[type | None, list]] = {
          _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,  # scale, mult, offset, shift, divisor, zero
          _INT, _INT] + _GEOMETRY + [_PTR, _INT],  # qmax, relu, geometry, out, threads
     ),
+    "float_to_stream": (None, [_PTR, _I64, _INT, _PTR, _INT]),  # x, count, frac bits, out,
+    #                                                             threads
     "requant_fixed": (
         None,
         [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels

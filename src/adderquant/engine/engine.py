@@ -1,12 +1,19 @@
 """The integer inference engine: runs a deployment package's graph on a batch of images.
 
-Adder layers run as uint8 SAD with int32 sums (``sad_conv2d``); BatchNorm, ReLU, residual
+Adder layers run as uint8 SAD with int32 sums (``sad_conv2d_packed``); BatchNorm, ReLU, residual
 additions and requantization run in fixed point (``requant``); only the first convolution and
 the classifier (pooling, 1x1 convolution, BatchNorm) run in float32.
+
+Threads: the float ops at both ends run on the whole batch with PyTorch's threads. The integer
+ops between them run image-parallel: the batch is split into one part per thread and each
+Python thread runs every integer op on its part with single-threaded kernels (they release the
+GIL), ``chunk`` images at a time. No op waits for the other threads, and each thread's
+intermediate tensors stay in its core's cache.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +25,12 @@ from adderquant.engine.requant import (
     codes_from_float,
     codes_from_stream,
     codes_from_sums,
+    float_to_stream,
     requant_fixed,
 )
 from adderquant.engine.sad import ConvGeometry, sad_conv2d_packed
+
+FLOAT_OPS = ("stem", "head")
 
 
 @dataclass
@@ -46,15 +56,23 @@ class _AdderLayer:
 class IntegerEngine:
     """``engine(images) -> logits`` for normalised float images (N, C, H, W)."""
 
-    def __init__(self, package: Package, threads: int | None = None) -> None:
+    def __init__(self, package: Package, threads: int | None = None, chunk: int = 16) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be a positive number of images, got {chunk}")
         self.package = package
         self.graph = package.graph
         self.t = package.tensors
         self.threads = threads
+        self.chunk = chunk
         self.frac_bits = int(self.graph["fixed_frac_bits"])
         self.adders = {name: self._adder_layer(name) for name in self.graph["layers"]}
-        self.last_use = {}
-        for i, op in enumerate(self.graph["ops"]):
+        ops = self.graph["ops"]
+        self.first = next(i for i, op in enumerate(ops) if op["op"] not in FLOAT_OPS)
+        self.last = max(i for i, op in enumerate(ops) if op["op"] not in FLOAT_OPS) + 1
+        if any(op["op"] in FLOAT_OPS for op in ops[self.first:self.last]):
+            raise ValueError("the package's float ops must come before and after its integer ops")
+        self.last_use: dict[str, int] = {}
+        for i, op in enumerate(ops):
             for value in (op["input"], op.get("residual")):
                 if value:
                     self.last_use[value] = i
@@ -81,16 +99,36 @@ class IntegerEngine:
             shape = ", ".join(map(str, expected))
             raise ValueError(f"the engine expects images of shape (N, {shape}), got "
                              f"{tuple(images.shape)}")
-        values: dict[str, torch.Tensor | Codes] = {"image": images.float()}
-        for i, op in enumerate(self.graph["ops"]):
+        if len(images) == 0:
+            return torch.empty(0, self.graph["num_classes"])
+        values = self._run({"image": images.float()}, 0, self.first)
+        threads = max(1, min(self.threads or torch.get_num_threads(), len(images)))
+        splits = {k: v.tensor_split(threads) for k, v in values.items()}
+        parts = [{k: s[i] for k, s in splits.items()} for i in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            done = list(pool.map(self._integer_part, parts))
+        merged = {k: torch.cat([d[k] for d in done]) for k in done[0]}
+        return self._run(merged, self.last, len(self.graph["ops"]))["logits"]
+
+    def _integer_part(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The integer ops on one thread's images, ``chunk`` at a time."""
+        n = len(next(iter(values.values())))
+        outs = [self._run({k: v[i:i + self.chunk] for k, v in values.items()}, self.first,
+                          self.last, threads=1) for i in range(0, n, self.chunk)]
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def _run(self, values: dict, start: int, stop: int, threads: int | None = None) -> dict:
+        """Ops ``start..stop-1`` on ``values``; returns the values still needed after them."""
+        for i in range(start, stop):
+            op = self.graph["ops"][i]
             inputs = [values[op["input"]]]
             if op.get("residual"):
                 inputs.append(values[op["residual"]])
-            values[op["output"]] = getattr(self, f"_{op['op']}")(op, *inputs)
+            values[op["output"]] = getattr(self, f"_{op['op']}")(op, *inputs, threads=threads)
             for name in (op["input"], op.get("residual")):
                 if name and self.last_use.get(name) == i:
                     del values[name]
-        return values["logits"]
+        return values
 
     # ---- ops --------------------------------------------------------------------------------
 
@@ -100,49 +138,48 @@ class IntegerEngine:
         return F.batch_norm(x, t[f"{kind}.bn_mean"], t[f"{kind}.bn_var"], t[f"{kind}.bn_weight"],
                             t[f"{kind}.bn_bias"], False, 0.0, op["eps"])
 
-    def _stem(self, op: dict, x: torch.Tensor) -> torch.Tensor:
+    def _stem(self, op: dict, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         return torch.relu(self._float_conv_bn("stem", op, x))
 
-    def _head(self, op: dict, x: torch.Tensor) -> torch.Tensor:
+    def _head(self, op: dict, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         x = F.avg_pool2d((x.double() * 2.0 ** -self.frac_bits).float(), op["pool"], 1)
         return self._float_conv_bn("head", op, x).flatten(1)
 
-    def _float_to_codes(self, op: dict, x: torch.Tensor) -> Codes:
+    def _float_to_codes(self, op: dict, x: torch.Tensor, threads: int | None) -> Codes:
         name = op["to"]
-        lay = self.graph["layers"][name]
         packed = codes_from_float(x, self.t[f"{name}.scale"], self.t[f"{name}.zero_point"],
-                                  lay["bits"], self.adders[name].geometry, self.threads)
+                                  self.graph["layers"][name]["bits"], self.adders[name].geometry,
+                                  threads)
         return Codes(packed, tuple(x.shape[1:]))
 
-    def _float_to_fixed(self, op: dict, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x.double() * 2.0 ** self.frac_bits).to(torch.int64)
+    def _float_to_fixed(self, op: dict, x: torch.Tensor, threads: int | None) -> torch.Tensor:
+        return float_to_stream(x, self.frac_bits, threads)
 
     def _requant_params(self, op: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = op["params"]
         return self.t[f"{p}.multiplier"], self.t[f"{p}.offset"], self.t[f"{p}.shift"]
 
-    def _fixed_to_codes(self, op: dict, x: torch.Tensor) -> Codes:
+    def _fixed_to_codes(self, op: dict, x: torch.Tensor, threads: int | None) -> Codes:
         name = op["to"]
         packed = codes_from_stream(x, self.t[f"{op['params']}.divisor"],
                                    self.t[f"{name}.zero_point"],
                                    self.graph["layers"][name]["bits"],
-                                   self.adders[name].geometry, self.threads)
+                                   self.adders[name].geometry, threads)
         return Codes(packed, tuple(x.shape[1:]))
 
-    def _sums_to_codes(self, op: dict, sums: torch.Tensor) -> Codes:
+    def _sums_to_codes(self, op: dict, sums: torch.Tensor, threads: int | None) -> Codes:
         name = op["to"]
         packed = codes_from_sums(sums, *self._requant_params(op), self.t[f"{name}.zero_point"],
                                  self.graph["layers"][name]["bits"], bool(op["relu"]),
-                                 self.adders[name].geometry, self.threads)
+                                 self.adders[name].geometry, threads)
         return Codes(packed, tuple(sums.shape[1:]))
 
-    def _sums_to_fixed(
-        self, op: dict, sums: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _sums_to_fixed(self, op: dict, sums: torch.Tensor, residual: torch.Tensor | None = None,
+                       threads: int | None = None) -> torch.Tensor:
         return requant_fixed(sums, *self._requant_params(op), residual, bool(op["relu"]),
-                             self.threads)
+                             threads)
 
-    def _adder(self, op: dict, codes: Codes) -> torch.Tensor:
+    def _adder(self, op: dict, codes: Codes, threads: int | None) -> torch.Tensor:
         layer = self.adders[op["layer"]]
         c, h, w = codes.shape
         n = codes.packed.shape[1]
@@ -151,7 +188,7 @@ class IntegerEngine:
         for g, (weights, channels, pad) in enumerate(
                 zip(layer.weights, layer.channels, layer.pad_codes, strict=True)):
             sad_conv2d_packed(codes.packed[g], codes.shape, weights, layer.geometry, pad,
-                              out=out, out_index=channels, threads=self.threads)
+                              out=out, out_index=channels, threads=threads)
         return out
 
 

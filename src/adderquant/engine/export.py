@@ -124,8 +124,8 @@ class _Lowering:
             d = Fraction(step) * 2**self.frac_bits
             if d.denominator != 1 or d >= 2**MAX_DIVISOR_BITS:
                 raise ValueError(f"{layer}: grid step {step:.3g} is not a whole number of "
-                                 f"stream units 2^-{self.frac_bits}; export with more "
-                                 "fractional bits (--frac-bits)")
+                                 f"stream units 2^-{self.frac_bits} below 2^{MAX_DIVISOR_BITS}; "
+                                 "export with other fractional bits (--frac-bits)")
             divisors.append(int(d))
         prefix = f"{layer}.from_stream"
         self.tensors[f"{prefix}.divisor"] = torch.tensor(divisors, dtype=torch.int64)

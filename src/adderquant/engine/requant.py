@@ -117,6 +117,15 @@ def codes_from_stream(
                        divisor=divisor.contiguous())
 
 
+def float_to_stream(x: torch.Tensor, frac_bits: int, threads: int | None = None) -> torch.Tensor:
+    """int64 stream values ``round(x·2^F)`` (half to even) of float32 ``x``."""
+    x = x.float().contiguous()
+    out = torch.empty(x.shape, dtype=torch.int64)
+    library().float_to_stream(x.data_ptr(), x.numel(), frac_bits, out.data_ptr(),
+                              _threads(threads))
+    return out
+
+
 def requant_fixed(
     values: torch.Tensor,
     multiplier: torch.Tensor,

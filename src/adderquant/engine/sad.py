@@ -58,7 +58,8 @@ def packed_bytes(channels: int, h: int, w: int, geometry: ConvGeometry) -> int:
 def pack(codes: torch.Tensor, geometry: ConvGeometry, pad_code: int = 0,
          threads: int | None = None) -> torch.Tensor:
     """NCHW uint8 ``codes`` in the packed layout for ``geometry``: (N, packed_bytes)."""
-    _check_codes(codes, torch.zeros(1, codes.shape[1], 1, 1, dtype=torch.uint8), pad_code)
+    _check_code_tensor("codes", codes)
+    _check_pad_code(pad_code)
     n, c, h, w = codes.shape
     out = torch.empty(n, packed_bytes(c, h, w, geometry), dtype=torch.uint8)
     codes = codes.contiguous()
@@ -82,6 +83,7 @@ def sad_conv2d_packed(
     """``sad_conv2d`` of images of ``shape`` (C, H, W) already packed for ``geometry``
     (``packed``: (N, packed_bytes) uint8 with ``pad_code`` in every padding position)."""
     c, h, w = shape
+    _check_pad_code(pad_code)
     if weight_codes.dtype != torch.uint8 or tuple(weight_codes.shape[1:]) != (c, *geometry.kernel):
         raise ValueError(f"sad_conv2d_packed: weight_codes must be uint8 (T, {c}, "
                          f"{geometry.kernel[0]}, {geometry.kernel[1]}), got "
@@ -154,20 +156,28 @@ def _path_id(path: str) -> int:
     return PATHS.index(path)
 
 
+def _check_code_tensor(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
+        raise TypeError(f"sad_conv2d: {name} must be a uint8 torch.Tensor; "
+                        f"got {getattr(tensor, 'dtype', type(tensor))}")
+    if tensor.dim() != 4:
+        raise ValueError(f"sad_conv2d: {name} must be 4-D, got shape {tuple(tensor.shape)}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"sad_conv2d: {name} must be on the CPU; call .cpu()")
+
+
+def _check_pad_code(pad_code: int) -> None:
+    if not 0 <= int(pad_code) <= 255:
+        raise ValueError(f"sad_conv2d: pad_code must be a uint8 code (0..255), got {pad_code}")
+
+
 def _check_codes(codes: torch.Tensor, weight_codes: torch.Tensor, pad_code: int) -> None:
-    for name, tensor in (("codes", codes), ("weight_codes", weight_codes)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
-            raise TypeError(f"sad_conv2d: {name} must be a uint8 torch.Tensor; "
-                            f"got {getattr(tensor, 'dtype', type(tensor))}")
-        if tensor.dim() != 4:
-            raise ValueError(f"sad_conv2d: {name} must be 4-D, got shape {tuple(tensor.shape)}")
-        if tensor.device.type != "cpu":
-            raise ValueError(f"sad_conv2d: {name} must be on the CPU; call .cpu()")
+    _check_code_tensor("codes", codes)
+    _check_code_tensor("weight_codes", weight_codes)
     if codes.shape[1] != weight_codes.shape[1]:
         raise ValueError(f"sad_conv2d: codes have {codes.shape[1]} channels, weight_codes "
                          f"expect {weight_codes.shape[1]}")
-    if not 0 <= int(pad_code) <= 255:
-        raise ValueError(f"sad_conv2d: pad_code must be a uint8 code (0..255), got {pad_code}")
+    _check_pad_code(pad_code)
 
 
 def _check_output(

@@ -15,6 +15,8 @@ picks the G candidate intervals (groups) and the channel assignment of least tot
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +49,7 @@ class IntervalGrid:
 
 
 def interval_grid(a: float, c: float, bits: int) -> IntervalGrid:
-    """The grid of ``bits`` bits covering ``[a, c]`` with 0 on the grid (``a ≤ 0 ≤ c``, ``a < c``)."""
+    """The grid of ``bits`` bits covering ``[a, c]`` (``a ≤ 0 ≤ c``, ``a < c``), 0 on it."""
     check_bits(bits)
     if not (a <= 0.0 <= c and a < c) or not np.isfinite([a, c]).all():
         raise ValueError(
@@ -167,19 +169,39 @@ def channel_errors(
     return errors, means
 
 
+EXHAUSTIVE_LIMIT = 20000  # candidate subsets scored at once by select_groups
+
+
 def select_groups(errors: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Choose up to ``groups`` columns of ``errors`` (C channels x J candidates) and assign
     every channel to one of them so that the summed error is least.
 
-    Greedy addition, then single swaps until none improves (a local optimum of this
-    facility-location problem, exact for one group). Returns ``(chosen columns sorted, label
-    of every channel)``; a chosen column that no channel prefers is dropped.
+    Exact (every subset scored) when there are at most ``EXHAUSTIVE_LIMIT`` subsets, else
+    greedy addition followed by single swaps until none improves (a local optimum of this
+    facility-location problem). Returns ``(chosen columns sorted, label of every channel)``;
+    a chosen column that no channel prefers is dropped.
     """
     if errors.ndim != 2 or errors.size == 0:
         raise ValueError("errors must be a non-empty (channels x candidates) matrix")
     if groups < 1:
         raise ValueError(f"groups must be at least 1, got {groups}")
-    n_groups = min(groups, errors.shape[0], errors.shape[1])
+    n_cand = errors.shape[1]
+    n_groups = min(groups, errors.shape[0], n_cand)
+    if math.comb(n_cand, n_groups) <= EXHAUSTIVE_LIMIT:
+        subsets = np.array(list(itertools.combinations(range(n_cand), n_groups)))
+        costs = errors[:, subsets].min(axis=2).sum(axis=0)
+        chosen = subsets[int(np.argmin(costs))]
+    else:
+        chosen = np.array(sorted(_local_search(errors, n_groups)))
+    labels = np.argmin(errors[:, chosen], axis=1)
+    used = np.unique(labels)
+    remap = np.full(len(chosen), -1)
+    remap[used] = np.arange(len(used))
+    return chosen[used], remap[labels]
+
+
+def _local_search(errors: np.ndarray, n_groups: int) -> list[int]:
+    """Greedy addition of columns, then single swaps while one lowers the summed error."""
 
     def cost(cols: list[int]) -> float:
         return float(errors[:, cols].min(axis=1).sum())
@@ -190,19 +212,13 @@ def select_groups(errors: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarr
         gain = np.minimum(errors, best).sum(axis=0)
         gain[chosen] = np.inf
         chosen.append(int(np.argmin(gain)))
-    current = cost(chosen)
-    improved = n_groups < errors.shape[1]
+    current, improved = cost(chosen), True
     while improved:
         improved = False
         for slot in range(n_groups):
-            for j in set(range(errors.shape[1])) - set(chosen):
+            for j in sorted(set(range(errors.shape[1])) - set(chosen)):
                 trial = chosen[:slot] + [j] + chosen[slot + 1 :]
                 trial_cost = cost(trial)
                 if trial_cost < current - 1e-12 * abs(current):
                     chosen, current, improved = trial, trial_cost, True
-    chosen = sorted(chosen)
-    labels = np.argmin(errors[:, chosen], axis=1)
-    used = np.unique(labels)
-    remap = np.full(len(chosen), -1)
-    remap[used] = np.arange(len(used))
-    return np.asarray(chosen)[used], remap[labels]
+    return chosen

@@ -40,7 +40,7 @@ class PTQConfig:
     # lossless weight range clamp (paper, part 2)
     weight_clamp: bool = True
     # activation threshold A (paper, part 3): released | quantile | max | mse
-    act_clip: str = "released"
+    act_clip: str = "mse"
     act_quantile: float = 0.9997
     # QSSF: where the single shared scale comes from: weights | activations | max
     qssf_source: str = "weights"
@@ -59,7 +59,7 @@ class PTQConfig:
     bn_batches: int = 202
     # per-channel bias correction of adder outputs, measured on the layer inputs of the
     # float or of the quantized model: none | float-input | quant-input
-    bias_correction: str = "none"
+    bias_correction: str = "float-input"
     bias_correction_batches: int = 16
     # adderquant (quant/samegrid.py): weights and inputs on one unsigned grid per group, each
     # group's interval chosen by the output error on sampled calibration patches
@@ -156,7 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {"faithful": FAITHFUL}
 # Defaults of a method for the fields a run leaves unset (file, preset and flags win).
 # adderquant searches on kept calibration inputs: 2 batches of 128 images suffice.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adderquant": {"calib_batches": 2, "report_images": 256},
+    "adderquant": {"calib_batches": 2, "report_images": 256, "bias_correction": "none"},
 }
 
 

@@ -196,7 +196,7 @@ def quantize_qssf(
 
 for _row in (
     ReproduceRow("fp", FULL_PRECISION, bits=None),
-    ReproduceRow("qssf", "qssf", {"qssf_source": "max"}),
+    ReproduceRow("qssf", "qssf", {"qssf_source": "max", "bias_correction": "none"}),
     ReproduceRow("paper-faithful", "paper", dict(FAITHFUL)),
     ReproduceRow("paper", "paper", {}),
 ):

@@ -6,15 +6,15 @@ few calibration images is its sensitivity ``S_l(b)``. Taking the effects of the 
 additive, the allocation minimises ``Σ_l S_l(b_l)`` subject to ``Σ_l n_l·b_l ≤ B·Σ_l n_l``,
 ``n_l`` being the layer's adder operations per image: the energy of an integer adder grows
 linearly with its width, so the budget ``B`` is an energy budget as much as an average width.
-This multiple-choice knapsack is solved exactly by dynamic programming on a budget discretised
-into ``resolution`` units (item costs rounded up, so the budget always holds).
+This multiple-choice knapsack is solved exactly by dynamic programming over the budget in
+units of the greatest common divisor of the operation counts.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,6 @@ from adderquant.quant.config import PTQConfig
 from adderquant.quant.grid import MAX_BITS, MIN_BITS
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
 from adderquant.quant.methods import get_method
-
-LayerQuantizer = Callable[[str, Adder2d, int], QuantAdder2d]
 
 
 @torch.no_grad()
@@ -67,65 +65,75 @@ def candidate_bits(budget: float) -> tuple[int, ...]:
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, quantize: LayerQuantizer, images: torch.Tensor, bits: Sequence[int]
+    model: nn.Module, variants: dict[str, dict[int, QuantAdder2d]], images: torch.Tensor
 ) -> dict[str, dict[int, float]]:
-    """``S_l(b)``: KL divergence (nats, mean over ``images``) of the output of ``model`` with
-    only layer ``l`` replaced by ``quantize(l, layer, b)`` from the float output."""
+    """``S_l(b)``: KL divergence (nats, mean over ``images``) from the float output of the
+    output of ``model`` with only layer ``l`` replaced by its quantized variant
+    ``variants[l][b]``."""
     model.eval()
     reference = model(images).log_softmax(dim=1)
     work = copy.deepcopy(model)
+    floats = adder_layers(work)
     sensitivity: dict[str, dict[int, float]] = {}
-    device = images.device
-    for name, layer in adder_layers(work).items():
+    for name, by_bits in variants.items():
         sensitivity[name] = {}
-        for b in bits:
-            replace_module(work, name, quantize(name, layer, b).to(device))
+        for b, quant in by_bits.items():
+            replace_module(work, name, quant.to(images.device))
             out = work(images).log_softmax(dim=1)
             kl = F.kl_div(out, reference, log_target=True, reduction="batchmean")
             sensitivity[name][b] = max(float(kl), 0.0)
-        replace_module(work, name, layer)
+        replace_module(work, name, floats[name])
     return sensitivity
 
 
 def allocate_bits(
     sensitivity: dict[str, dict[int, float]],
-    costs: dict[str, float],
+    costs: dict[str, int],
     budget: float,
-    resolution: int = 10000,
+    max_units: int = 200_000,
 ) -> dict[str, int]:
-    """Bits per layer minimising ``Σ S_l(b_l)`` with ``Σ costs_l·b_l ≤ budget·Σ costs_l``."""
+    """Bits per layer minimising ``Σ S_l(b_l)`` with ``Σ costs_l·b_l ≤ budget·Σ costs_l``.
+
+    Exact: the integer costs are divided by their greatest common divisor (the operation
+    counts of a network share large powers of two) and the budget is spent in those units.
+    Only if that leaves more than ``max_units`` units are the item costs rounded up to a
+    coarser unit, which keeps the budget but may miss the optimum.
+    """
     names = list(sensitivity)
     if not names:
         raise ValueError("no layers to allocate bits to")
     if set(names) - set(costs):
         raise ValueError(f"no cost for the layers {sorted(set(names) - set(costs))}")
-    total = sum(costs[n] for n in names)
-    unit = budget * total / resolution
+    if any(int(costs[n]) != costs[n] or costs[n] < 1 for n in names):
+        raise ValueError("layer costs must be positive integers (operation counts)")
     options = [sorted(sensitivity[n]) for n in names]
-    floor_cost = sum(costs[n] * opts[0] for n, opts in zip(names, options))
-    if floor_cost > budget * total * (1 + 1e-12):
+    divisor = math.gcd(*(int(costs[n]) for n in names))
+    units = [int(costs[n]) // divisor for n in names]
+    capacity = math.floor(budget * sum(units) + 1e-9)
+    if sum(u * opts[0] for u, opts in zip(units, options, strict=True)) > capacity:
         raise ValueError(
-            f"an average of {budget} bits is below the narrowest widths measured "
-            f"({floor_cost / total:.3f} bits on average); raise the budget"
+            f"an average of {budget} bits is below the narrowest widths measured; raise it"
         )
-    best = np.zeros(resolution + 1)
+    scale = min(1.0, max_units / capacity)
+    weights = [[math.ceil(u * b * scale - 1e-9) for b in opts]
+               for u, opts in zip(units, options, strict=True)]
+    capacity = math.floor(capacity * scale)
+    best = np.zeros(capacity + 1)
     choices = []
-    for n, opts in zip(names, options):
-        step = np.full((len(opts), resolution + 1), np.inf)
-        for i, b in enumerate(opts):
-            w = min(math.ceil(costs[n] * b / unit - 1e-9), resolution + 1)
-            if w <= resolution:
-                step[i, w:] = best[: resolution + 1 - w] + sensitivity[n][b]
+    for n, opts, ws in zip(names, options, weights, strict=True):
+        step = np.full((len(opts), capacity + 1), np.inf)
+        for i, (b, w) in enumerate(zip(opts, ws, strict=True)):
+            if w <= capacity:
+                step[i, w:] = best[: capacity + 1 - w] + sensitivity[n][b]
         choices.append(step.argmin(axis=0))
         best = step.min(axis=0)
-    if not np.isfinite(best[resolution]):
-        # rounding the costs up left no room: only the narrowest widths fit
-        return {n: opts[0] for n, opts in zip(names, options)}
-    allocation, room = {}, resolution
-    for n, opts, choice in zip(reversed(names), reversed(options), reversed(choices)):
-        b = opts[int(choice[room])]
-        allocation[n] = b
-        room -= math.ceil(costs[n] * b / unit - 1e-9)
+    if not np.isfinite(best[capacity]):  # only after rounding up: the narrowest widths fit
+        return {n: opts[0] for n, opts in zip(names, options, strict=True)}
+    allocation, room = {}, capacity
+    for i in reversed(range(len(names))):
+        k = int(choices[i][room])
+        allocation[names[i]] = options[i][k]
+        room -= weights[i][k]
     return {n: allocation[n] for n in names}
 
 
@@ -147,9 +155,10 @@ def allocate_mixed_precision(
     observers: dict[str, ActivationObserver],
     images: torch.Tensor,
     cfg: PTQConfig,
-) -> tuple[dict[str, int], dict[str, Any]]:
-    """Per-layer bits for ``cfg.bit_budget`` with ``cfg.method``, and a report: the widths,
-    the measured sensitivities, each layer's operations and the average reached."""
+) -> tuple[dict[str, int], dict[str, Any], dict[str, tuple[QuantAdder2d, dict[str, Any]]]]:
+    """Per-layer bits for ``cfg.bit_budget`` with ``cfg.method``. Returns the widths, a report
+    (widths, measured sensitivities, operations, the average reached) and the layers
+    quantized at the chosen widths with their reports (every candidate is quantized once)."""
     budget = cfg.bit_budget
     if budget is None:
         raise ValueError("mixed precision needs avg_bits (or mixed_precision with bits)")
@@ -157,11 +166,13 @@ def allocate_mixed_precision(
         raise ValueError("give either layer_bits or a mixed-precision budget, not both")
     method = get_method(cfg.method)
     bits = candidate_bits(budget)
-
-    def quantize(name: str, layer: Adder2d, b: int) -> QuantAdder2d:
-        return method(name, copy.deepcopy(layer).cpu(), observers[name], b, cfg)[0]
-
-    sensitivity = measure_sensitivity(model, quantize, images, bits)
+    quantized = {
+        name: {b: method(name, copy.deepcopy(layer).cpu(), observers[name], b, cfg)
+               for b in bits}
+        for name, layer in adder_layers(model).items()
+    }
+    variants = {n: {b: q for b, (q, _) in by_bits.items()} for n, by_bits in quantized.items()}
+    sensitivity = measure_sensitivity(model, variants, images)
     costs = adder_operations(model, images)
     allocation = allocate_bits(sensitivity, costs, budget)
     total = sum(costs.values())
@@ -175,4 +186,4 @@ def allocate_mixed_precision(
             for n, b in allocation.items()
         ],
     }
-    return allocation, report
+    return allocation, report, {n: quantized[n][b] for n, b in allocation.items()}

@@ -111,5 +111,10 @@ def mse_optimal_threshold(
     if top <= 0:
         return MIN_THRESHOLD
     grid = torch.linspace(low * top, top, candidates, dtype=torch.float64)
-    errors = torch.stack([(x - quantize_unsigned(x, float(a), bits)).pow(2).mean() for a in grid])
-    return float(grid[int(torch.argmin(errors))])
+    levels = (1 << bits) - 1
+    errors = []
+    for chunk in grid.split(25):  # 25 candidates per broadcast pass: few large tensor ops
+        step = (chunk / levels).view(-1, 1)
+        x_hat = torch.clamp(torch.round(x / step), 0, levels).mul_(step)
+        errors.append((x_hat - x).pow_(2).mean(dim=1))
+    return float(grid[int(torch.argmin(torch.cat(errors)))])

@@ -110,10 +110,14 @@ def collect_statistics(
 
 
 def quantize_model(
-    model: nn.Module, observers: dict[str, ActivationObserver], cfg: PTQConfig
+    model: nn.Module,
+    observers: dict[str, ActivationObserver],
+    cfg: PTQConfig,
+    prepared: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A copy of ``model`` whose adder layers are quantized by ``cfg.method``, and the
-    per-layer reports (without SQNR)."""
+    per-layer reports (without SQNR); ``prepared`` holds layers already quantized (with
+    their reports) by name."""
     layers = adder_layers(model)
     if not layers:
         raise ValueError("the model has no adder layers (adderquant.nn.Adder2d) to quantize")
@@ -129,8 +133,11 @@ def quantize_model(
     quantized = copy.deepcopy(model).cpu()
     reports = []
     for name, layer in adder_layers(quantized).items():
-        quant, report = method(name, layer, observers[name], cfg.bits_for(name), cfg)
-        replace_module(quantized, name, quant)
+        if prepared and name in prepared:
+            quant, report = prepared[name]
+        else:
+            quant, report = method(name, layer, observers[name], cfg.bits_for(name), cfg)
+        replace_module(quantized, name, quant.cpu())
         reports.append(report)
     return quantized.to(device).eval(), reports
 
@@ -163,14 +170,16 @@ def ptq(
     if cfg.bit_budget is not None:
         start = time.perf_counter()
         images = first_images(take_batches(calib, cfg.mp_images), cfg.mp_images)
-        layer_bits, report["mixed_precision"] = allocate_mixed_precision(
+        layer_bits, report["mixed_precision"], prepared = allocate_mixed_precision(
             model, observers, images.to(model_device(model)), cfg
         )
         cfg = cfg.replace(layer_bits=layer_bits)
         report["config"] = cfg.as_dict()
         seconds["mixed_precision"] = time.perf_counter() - start
+    else:
+        prepared = None
     start = time.perf_counter()
-    qmodel, layers = quantize_model(model, observers, cfg)
+    qmodel, layers = quantize_model(model, observers, cfg, prepared)
     seconds["quantize"] = time.perf_counter() - start
     if cfg.bias_correction != "none":
         start = time.perf_counter()

@@ -114,7 +114,7 @@ def quantize_layer(
     lo_t, hi_t = lo[group].view(-1, 1, 1, 1), hi[group].view(-1, 1, 1, 1)
     sizes = torch.bincount(group, minlength=len(grids))
     x = observer.sample
-    clipped = torch.stack([((x < a) | (x > c)).float().mean() for a, c in zip(lo, hi)])
+    clipped = torch.stack([((x < a) | (x > c)).float().mean() for a, c in zip(lo, hi, strict=True)])
     report = {
         "bits": bits,
         "A": float(hi.max()),
@@ -122,7 +122,7 @@ def quantize_layer(
         "act_min": observer.min,
         "group_sizes": sizes.tolist(),
         "ranges": (hi - lo).tolist(),
-        "intervals": [[float(a), float(c)] for a, c in zip(lo, hi)],
+        "intervals": [[float(a), float(c)] for a, c in zip(lo, hi, strict=True)],
         "steps": [g.scale for g in grids],
         "zero_points": [g.zero_point for g in grids],
         "weights_clamped": float(((w < lo_t) | (w > hi_t)).float().mean()),

@@ -522,11 +522,6 @@ int sad_pack(const uint8_t *x, int64_t n_img, int64_t cin, int64_t h, int64_t w,
     }
 
 #define DEFINE_ROWS(SUFFIX, ATTR)                                                            \
-    ATTR static void codes_row_##SUFFIX(const int32_t *restrict src, int64_t pixels,        \
-                                        int64_t m, int64_t o, int k, int64_t z, int qmax,    \
-                                        int relu, uint8_t *restrict dst) {                   \
-        CODES_ROW                                                                           \
-    }                                                                                       \
     ATTR static void fixed_row_##SUFFIX(const int32_t *restrict src, int64_t pixels,        \
                                         int64_t m, int64_t o, int k,                         \
                                         const int64_t *restrict res, int relu,               \
@@ -542,6 +537,28 @@ DEFINE_ROWS(base, )
 DEFINE_ROWS(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))))
 
 static inline int64_t clamp_code(int64_t q, int qmax) { return q < 0 ? 0 : q > qmax ? qmax : q; }
+
+static void codes_row_base(const int32_t *src, int64_t pixels, int64_t m, int64_t o, int k,
+                           int64_t z, int qmax, int relu, uint8_t *dst) {
+    CODES_ROW
+}
+
+/* clamp(relu?(u) + z, 0, qmax) = clamp(u, lo, qmax - z) + z with lo = relu ? 0 : -z. */
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void
+codes_row_avx512(const int32_t *src, int64_t pixels, int64_t m, int64_t o, int k, int64_t z,
+                 int qmax, int relu, uint8_t *dst) {
+    const __m512i vm = _mm512_set1_epi64(m), vo = _mm512_set1_epi64(o), vz = _mm512_set1_epi64(z);
+    const __m512i lo = _mm512_set1_epi64(relu ? 0 : -z), hi = _mm512_set1_epi64(qmax - z);
+    const __m128i count = _mm_cvtsi32_si128(k);
+    int64_t p = 0;
+    for (; p + 8 <= pixels; p += 8) {
+        const __m512i v = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(src + p)));
+        __m512i u = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mullo_epi64(v, vm), vo), count);
+        u = _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(u, lo), hi), vz);
+        _mm_storel_epi64((__m128i *)(dst + p), _mm512_cvtepi64_epi8(u));
+    }
+    codes_row_base(src + p, pixels - p, m, o, k, z, qmax, relu, dst + p);
+}
 
 /* Stream rows: q = round_half_up(x / d) = floor((2x + d) / 2d), exactly. The baseline divides
  * in int64; the AVX-512 version estimates the quotient in double precision (|2x + d| < 2^53,
@@ -604,71 +621,87 @@ typedef struct {
     const int32_t *zero;                /* [g] */
 } Source;
 
-/* The w codes of row h of channel c of image n on grid g. */
-static void source_row(const Source *s, const Geometry *geo, int64_t g, int64_t n, int64_t c,
-                       int64_t h, uint8_t *dst) {
-    const int64_t base = ((n * geo->cin + c) * geo->h + h) * geo->w, z = s->zero[g];
+/* Codes [first, first + count) of the h * w plane of channel c of image n on grid g. */
+static void source_span(const Source *s, const Geometry *geo, int64_t g, int64_t n, int64_t c,
+                        int64_t first, int64_t count, uint8_t *dst) {
+    const int64_t base = (n * geo->cin + c) * geo->h * geo->w + first, z = s->zero[g];
     if (s->kind == FROM_FLOAT) {
-        (s->wide ? float_row_avx512 : float_row_base)((const float *)s->values + base, geo->w,
+        (s->wide ? float_row_avx512 : float_row_base)((const float *)s->values + base, count,
                                                       s->scale[g], (float)z, (float)s->qmax, dst);
     } else if (s->kind == FROM_SUMS) {
         const int64_t i = g * geo->cin + c;
         (s->wide ? codes_row_avx512 : codes_row_base)(
-            (const int32_t *)s->values + base, geo->w, s->mult[i],
+            (const int32_t *)s->values + base, count, s->mult[i],
             with_half(s->offset[i], s->shift[i]), s->shift[i], z, s->qmax, s->relu, dst);
     } else {
         (s->wide ? stream_row_avx512 : stream_row_base)((const int64_t *)s->values + base,
-                                                        geo->w, s->divisor[g], z, s->qmax, dst);
+                                                        count, s->divisor[g], z, s->qmax, dst);
     }
+}
+
+/* Whether input row h is read by some tap (strided 1x1 layers skip rows). */
+static inline int row_used(const Geometry *geo, int64_t h) {
+    const int64_t hp = h + geo->ph;
+    return hp % geo->sh < geo->ah && hp / geo->sh < geo->hs;
 }
 
 /* Codes of every image on every grid, packed: out[g][n][image]; padding cells hold zero[g]. */
 static int produce(const Source *s, const Geometry *geo, int64_t groups, uint8_t *out,
                    int threads) {
     int status = SAD_OK;
-    const int64_t n_img = geo->n_img, w = geo->w;
+    const int64_t n_img = geo->n_img, w = geo->w, pixels = geo->h * geo->w;
+    const int skips_rows = geo->ah < geo->sh;
     if (threads <= 0) threads = omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
     {
-        uint8_t *rows = malloc((size_t)(16 * w));
-        if (!rows) {
+        uint8_t *planes = malloc((size_t)(8 * pixels + 8 * w));
+        if (!planes) {
 #pragma omp atomic write
             status = SAD_ERR_MEMORY;
         }
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            for (int64_t n = 0; n < n_img; n++) {
-                if (!rows) continue;
-                uint8_t *img = out + (g * n_img + n) * geo->image, *cells = rows + 8 * w;
-                memset(img, (int)s->zero[g], (size_t)geo->image);
-                for (int64_t c8 = 0; c8 < geo->c8; c8++) {
-                    const int64_t real = geo->cin - c8 * 8 < 8 ? geo->cin - c8 * 8 : 8;
-                    for (int64_t h = 0; h < geo->h; h++) {
-                        const int64_t hp = h + geo->ph, a = hp % geo->sh, r = hp / geo->sh;
-                        if (a >= geo->ah || r >= geo->hs) continue; /* never read */
-                        for (int64_t e = 0; e < 8; e++) {
-                            if (e < real)
-                                source_row(s, geo, g, n, c8 * 8 + e, h, rows + e * w);
-                            else
-                                memset(rows + e * w, (int)s->zero[g], (size_t)w);
+        /* Per image, every grid in turn reads the same channel planes while they are in cache. */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < n_img; n++) {
+            if (!planes) continue;
+            uint8_t *cells = planes + 8 * pixels;
+            for (int64_t g = 0; g < groups; g++)
+                memset(out + (g * n_img + n) * geo->image, (int)s->zero[g], (size_t)geo->image);
+            for (int64_t c8 = 0; c8 < geo->c8; c8++) {
+                const int64_t real = geo->cin - c8 * 8 < 8 ? geo->cin - c8 * 8 : 8;
+                for (int64_t g = 0; g < groups; g++) {
+                    for (int64_t e = 0; e < 8; e++) {
+                        uint8_t *plane = planes + e * pixels;
+                        if (e >= real) {
+                            memset(plane, (int)s->zero[g], (size_t)pixels);
+                        } else if (skips_rows) {
+                            for (int64_t h = 0; h < geo->h; h++)
+                                if (row_used(geo, h))
+                                    source_span(s, geo, g, n, c8 * 8 + e, h * w, w, plane + h * w);
+                        } else {
+                            source_span(s, geo, g, n, c8 * 8 + e, 0, pixels, plane);
                         }
-                        interleave_rows(rows, w, w, cells);
-                        uint8_t *plane = img + c8 * geo->ah * geo->aw * geo->plane +
-                                         a * geo->aw * geo->plane + r * geo->ws * 8;
+                    }
+                    uint8_t *chunk = out + (g * n_img + n) * geo->image +
+                                     c8 * geo->ah * geo->aw * geo->plane;
+                    for (int64_t h = 0; h < geo->h; h++) {
+                        if (!row_used(geo, h)) continue;
+                        const int64_t hp = h + geo->ph, a = hp % geo->sh, r = hp / geo->sh;
+                        uint8_t *row = chunk + a * geo->aw * geo->plane + r * geo->ws * 8;
                         if (geo->sw == 1) {
-                            memcpy(plane + geo->pw * 8, cells, (size_t)(8 * w));
+                            interleave_rows(planes + h * w, pixels, w, row + geo->pw * 8);
                             continue;
                         }
+                        interleave_rows(planes + h * w, pixels, w, cells);
                         for (int64_t x = 0; x < w; x++) {
                             const int64_t wp = x + geo->pw, b = wp % geo->sw, col = wp / geo->sw;
                             if (b < geo->aw && col < geo->ws)
-                                memcpy(plane + b * geo->plane + col * 8, cells + x * 8, 8);
+                                memcpy(row + b * geo->plane + col * 8, cells + x * 8, 8);
                         }
                     }
                 }
             }
         }
-        free(rows);
+        free(planes);
     }
     return status;
 }
@@ -709,6 +742,14 @@ void requant_fixed(const int32_t *in, int64_t n_img, int64_t channels, int64_t p
                 residual ? residual + base : NULL, relu, out + base);
         }
     }
+}
+
+/* Stream values of float32 x: out[i] = rint(x[i] * 2^frac_bits) (half to even), in int64. */
+void float_to_stream(const float *x, int64_t count, int frac_bits, int64_t *out, int threads) {
+    if (threads <= 0) threads = omp_get_max_threads();
+    const double unit = ldexp(1.0, frac_bits);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < count; i++) out[i] = (int64_t)rint((double)x[i] * unit);
 }
 
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_sad_kernel", NULL, -1, NULL};

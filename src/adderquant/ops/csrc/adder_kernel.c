@@ -25,6 +25,7 @@
 #ifndef ADDER_TEMPLATE_BODY
 
 #include <Python.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -880,7 +881,10 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
     T *wt = alloc_zeroed((size_t)acc_size * sizeof(T));
     T *acc_total = alloc_zeroed((size_t)(acc_size + g->c_out) * sizeof(T));
     T *shared = per_item ? NULL : alloc_zeroed(item_bytes);
-    int failed = !rows || !wpad || !wt || !acc_total || (!per_item && !shared);
+    /* Per-thread weight-gradient sums, added in thread order: the result does not depend on
+     * the timing of the threads. */
+    T **partials = calloc((size_t)threads, sizeof(T *));
+    int failed = !rows || !wpad || !wt || !acc_total || !partials || (!per_item && !shared);
     if (!failed)
         for (int64_t t = 0; t < g->c_out; t++)
             for (int64_t kk = 0; kk < k; kk++) {
@@ -899,7 +903,8 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
         const FN(backward_buffers) buf = {mine, mine + cols_at, mine + gtile_at, mine + gt_at,
                                           acc_mine, acc_mine + acc_size};
         if (per_item) {
-#pragma omp for schedule(dynamic, 1)
+            partials[omp_get_thread_num()] = acc_mine;
+#pragma omp for schedule(static)
             for (int64_t it = 0; it < items; it++) {
                 const int64_t n = it / g->groups, gi = it % g->groups;
                 const T *gy_item = gy + (n * g->c_out + gi * cg_out) * p;
@@ -922,10 +927,14 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
                                          p, buf.acc + gi * k_rows * cg_pad, 0, k_rows, exact);
                 }
             }
-            if (gw && acc_mine) {
-#pragma omp critical
+            int any_failed; /* the same in every thread after the loop's barrier */
+#pragma omp atomic read
+            any_failed = failed;
+            if (gw && !any_failed) {
+#pragma omp for schedule(static)
                 for (int64_t i = 0; i < acc_size + g->c_out; i++)
-                    acc_total[i] += acc_mine[i];
+                    for (int th = 0; th < omp_get_num_threads(); th++)
+                        acc_total[i] += partials[th][i];
             }
             free(mine);
             if (gw)
@@ -981,6 +990,7 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
     free(wt);
     free(acc_total);
     free(shared);
+    free(partials);
     return failed ? ADDER_NO_MEMORY : ADDER_OK;
 }
 
