@@ -116,26 +116,43 @@ def small_model() -> nn.Module:
     return m.eval()
 
 
-def test_sensitivity_is_zero_for_an_unchanged_layer_and_grows_with_noise(small_model) -> None:
+class Noisy(nn.Module):
+    """A layer plus deterministic Gaussian noise of ``scale`` times its output's std."""
+
+    def __init__(self, inner: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.inner, self.scale = copy.deepcopy(inner), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+        return y + self.scale * y.std() * noise
+
+
+def test_sensitivity_is_measured_at_the_reference_and_scaled_by_the_mse(small_model) -> None:
     images = torch.randn(8, 3, 32, 32)
-    layer = small_model.layer2[1].conv1
-
-    class Noisy(nn.Module):
-        def __init__(self, inner: nn.Module, scale: float) -> None:
-            super().__init__()
-            self.inner, self.scale = copy.deepcopy(inner), scale
-
-        def forward(self, x):
-            y = self.inner(x)
-            return y + self.scale * y.std() * torch.randn(y.shape, generator=torch.Generator()
-                                                          .manual_seed(0))
-
-    variants = {"layer2.1.conv1": {8: copy.deepcopy(layer), 4: Noisy(layer, 0.05),
-                                   2: Noisy(layer, 0.5)}}
-    s = measure_sensitivity(small_model, variants, images)["layer2.1.conv1"]
-    assert s[8] == pytest.approx(0.0, abs=1e-9)
-    assert 0 < s[4] < s[2]
+    name, layer = "layer2.1.conv1", small_model.layer2[1].conv1
+    inputs = {name: torch.rand(4, 32, 16, 16)}
+    variants = {name: {8: copy.deepcopy(layer), 4: Noisy(layer, 0.05), 2: Noisy(layer, 0.5)}}
+    s, mse = measure_sensitivity(small_model, variants, images, inputs, reference_bits=4)
+    assert mse[name][8] == pytest.approx(0.0, abs=1e-9)
+    assert mse[name][2] / mse[name][4] == pytest.approx(100.0, rel=1e-4)
+    # the reference width's sensitivity is the measured divergence of the output
+    work = copy.deepcopy(small_model)
+    work.layer2[1].conv1 = variants[name][4]
+    with torch.no_grad():
+        kl = torch.nn.functional.kl_div(work(images).log_softmax(1),
+                                        small_model(images).log_softmax(1),
+                                        log_target=True, reduction="batchmean")
+    assert s[name][4] == pytest.approx(float(kl), rel=1e-5) and s[name][4] > 0
+    assert s[name][2] == pytest.approx(100.0 * s[name][4], rel=1e-4)
+    assert s[name][8] == pytest.approx(0.0, abs=1e-12)
     assert isinstance(small_model.layer2[1].conv1, type(layer))  # the model is untouched
+    unchanged, _ = measure_sensitivity(small_model, {name: {8: copy.deepcopy(layer)}}, images,
+                                       inputs, reference_bits=8)
+    assert unchanged[name][8] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="no 3-bit variant"):
+        measure_sensitivity(small_model, variants, images, inputs, reference_bits=3)
 
 
 def test_ptq_with_an_average_bit_budget(small_model) -> None:
@@ -144,13 +161,14 @@ def test_ptq_with_an_average_bit_budget(small_model) -> None:
     calib = CalibrationSet(images, torch.zeros(32, dtype=torch.long), "cifar10", batch_size=16)
     cfg = PTQConfig(method="adderquant", avg_bits=3.0, calib_batches=1, report_images=4,
                     bias_correction="none", clip_candidates=3, search_positions=64,
-                    mp_images=8)
+                    mp_images=8, grouping=False)
     qmodel, report = ptq(small_model, calib, cfg)
     mp = report["mixed_precision"]
     bits = {n: m.bits for n, m in qmodel.named_modules() if isinstance(m, QuantAdder2d)}
     assert bits == report["config"]["layer_bits"] == {e["layer"]: e["bits"] for e in mp["layers"]}
     assert set(bits.values()) <= {2, 3, 4}
-    assert mp["average_bits"] <= 3.0 + 1e-9
+    assert mp["average_bits"] <= 3.0 + 1e-9 and mp["reference_bits"] == 3
+    assert all(set(e["sensitivity"]) == {"2", "3", "4"} for e in mp["layers"])
     assert "mixed_precision" in report["seconds"]
     with pytest.raises(ValueError, match="either layer_bits"):
         ptq(small_model, calib, cfg.replace(layer_bits={"layer1.0.conv1": 4}))

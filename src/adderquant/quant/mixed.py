@@ -1,13 +1,15 @@
 """Mixed precision: per-layer bit widths under an average-bit budget, from measured sensitivity.
 
-Every adder layer ``l`` is quantized alone at every candidate bit width ``b`` (the other layers
-stay in float) and the KL divergence of the model's output from the float model's output on a
-few calibration images is its sensitivity ``S_l(b)``. Taking the effects of the layers as
-additive, the allocation minimises ``Σ_l S_l(b_l)`` subject to ``Σ_l n_l·b_l ≤ B·Σ_l n_l``,
-``n_l`` being the layer's adder operations per image: the energy of an integer adder grows
-linearly with its width, so the budget ``B`` is an energy budget as much as an average width.
-This multiple-choice knapsack is solved exactly by dynamic programming over the budget in
-units of the greatest common divisor of the operation counts.
+Every adder layer ``l`` is quantized at every candidate bit width ``b``. Its sensitivity
+``S_l(b)`` is the KL divergence of the model's output from the float model's output on
+calibration images when only ``l`` is quantized: measured at one reference width, and carried
+to the others by the layer's output MSE (for small perturbations the divergence is
+proportional to the noise power). Taking the effects of the layers as additive, the
+allocation minimises ``Σ_l S_l(b_l)`` subject to ``Σ_l n_l·b_l ≤ B·Σ_l n_l``, ``n_l`` being
+the layer's adder operations per image: the energy of an integer adder grows linearly with
+its width, so the budget ``B`` is an energy budget as much as an average width. This
+multiple-choice knapsack is solved exactly by dynamic programming over the budget in units of
+the greatest common divisor of the operation counts.
 """
 
 from __future__ import annotations
@@ -64,26 +66,47 @@ def candidate_bits(budget: float) -> tuple[int, ...]:
 
 
 @torch.no_grad()
+def output_mse(float_layer: nn.Module, quant_layer: nn.Module, inputs: torch.Tensor) -> float:
+    """Mean squared difference of the two layers' outputs on ``inputs``."""
+    return float((quant_layer(inputs).double() - float_layer(inputs).double()).square().mean())
+
+
+@torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, variants: dict[str, dict[int, QuantAdder2d]], images: torch.Tensor
-) -> dict[str, dict[int, float]]:
-    """``S_l(b)``: KL divergence (nats, mean over ``images``) from the float output of the
-    output of ``model`` with only layer ``l`` replaced by its quantized variant
-    ``variants[l][b]``."""
+    model: nn.Module,
+    variants: dict[str, dict[int, nn.Module]],
+    images: torch.Tensor,
+    layer_inputs: dict[str, torch.Tensor],
+    reference_bits: int,
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """``S_l(b)`` for every layer ``l`` and width ``b`` of ``variants[l]``; also returns the
+    layer output MSEs it is built from.
+
+    The KL divergence (nats, mean over ``images``) of the model's output with only layer ``l``
+    replaced by ``variants[l][reference_bits]`` from the float output is measured; the other
+    widths follow from the layer's own output MSE on ``layer_inputs[l]``, since for small
+    perturbations the KL divergence grows in proportion to the noise power:
+    ``S_l(b) = KL_l(ref) · MSE_l(b) / MSE_l(ref)``.
+    """
     model.eval()
     reference = model(images).log_softmax(dim=1)
     work = copy.deepcopy(model)
     floats = adder_layers(work)
     sensitivity: dict[str, dict[int, float]] = {}
+    mse: dict[str, dict[int, float]] = {}
     for name, by_bits in variants.items():
-        sensitivity[name] = {}
-        for b, quant in by_bits.items():
-            replace_module(work, name, quant.to(images.device))
-            out = work(images).log_softmax(dim=1)
-            kl = F.kl_div(out, reference, log_target=True, reduction="batchmean")
-            sensitivity[name][b] = max(float(kl), 0.0)
+        if reference_bits not in by_bits:
+            raise ValueError(f"no {reference_bits}-bit variant of layer {name!r} to measure")
+        x = layer_inputs[name].to(images.device)
+        mse[name] = {b: output_mse(floats[name], q.to(images.device), x)
+                     for b, q in by_bits.items()}
+        replace_module(work, name, by_bits[reference_bits])
+        out = work(images).log_softmax(dim=1)
+        kl = max(float(F.kl_div(out, reference, log_target=True, reduction="batchmean")), 0.0)
         replace_module(work, name, floats[name])
-    return sensitivity
+        ref = mse[name][reference_bits]
+        sensitivity[name] = {b: kl * m / ref if ref > 0 else 0.0 for b, m in mse[name].items()}
+    return sensitivity, mse
 
 
 def allocate_bits(
@@ -150,6 +173,9 @@ def first_images(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: in
     return torch.cat(taken)
 
 
+MSE_IMAGES = 64  # kept calibration inputs per layer for the output MSE of each width
+
+
 def allocate_mixed_precision(
     model: nn.Module,
     observers: dict[str, ActivationObserver],
@@ -157,8 +183,9 @@ def allocate_mixed_precision(
     cfg: PTQConfig,
 ) -> tuple[dict[str, int], dict[str, Any], dict[str, tuple[QuantAdder2d, dict[str, Any]]]]:
     """Per-layer bits for ``cfg.bit_budget`` with ``cfg.method``. Returns the widths, a report
-    (widths, measured sensitivities, operations, the average reached) and the layers
-    quantized at the chosen widths with their reports (every candidate is quantized once)."""
+    (widths, sensitivities, output MSEs, operations, the average reached) and the layers
+    quantized at the chosen widths with their reports (every candidate is quantized once).
+    The KL divergence is measured at the candidate width nearest the budget's floor."""
     budget = cfg.bit_budget
     if budget is None:
         raise ValueError("mixed precision needs avg_bits (or mixed_precision with bits)")
@@ -166,23 +193,30 @@ def allocate_mixed_precision(
         raise ValueError("give either layer_bits or a mixed-precision budget, not both")
     method = get_method(cfg.method)
     bits = candidate_bits(budget)
+    reference_bits = min(max(math.floor(budget), bits[0]), bits[-1])
     quantized = {
         name: {b: method(name, copy.deepcopy(layer).cpu(), observers[name], b, cfg)
                for b in bits}
         for name, layer in adder_layers(model).items()
     }
+    inputs = {}
+    for name, obs in observers.items():
+        if len(obs.kept_inputs) == 0:
+            raise ValueError("mixed precision needs kept calibration inputs (report_images > 0)")
+        inputs[name] = obs.kept_inputs[:MSE_IMAGES]
     variants = {n: {b: q for b, (q, _) in by_bits.items()} for n, by_bits in quantized.items()}
-    sensitivity = measure_sensitivity(model, variants, images)
+    sensitivity, mse = measure_sensitivity(model, variants, images, inputs, reference_bits)
     costs = adder_operations(model, images)
     allocation = allocate_bits(sensitivity, costs, budget)
-    total = sum(costs.values())
     report = {
         "budget": budget,
         "candidate_bits": list(bits),
-        "average_bits": sum(costs[n] * b for n, b in allocation.items()) / total,
+        "reference_bits": reference_bits,
+        "average_bits": sum(costs[n] * b for n, b in allocation.items()) / sum(costs.values()),
         "layers": [
             {"layer": n, "bits": b, "operations": costs[n],
-             "sensitivity": {str(k): v for k, v in sensitivity[n].items()}}
+             "sensitivity": {str(k): v for k, v in sensitivity[n].items()},
+             "output_mse": {str(k): v for k, v in mse[n].items()}}
             for n, b in allocation.items()
         ],
     }

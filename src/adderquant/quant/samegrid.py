@@ -55,7 +55,7 @@ class SameGridSettings:
     clip_search: bool = True
     clip_candidates: int = 16
     clip_shrink: float = 2**-0.25
-    search_positions: int = 2048
+    search_positions: int = 1024
     mean_correction: bool = True
     seed: int = 0
 
