@@ -80,21 +80,11 @@ def candidate_intervals(x_min: float, x_max: float, count: int, ratio: float) ->
     return np.array([(a, c) for a in lows for c in highs])
 
 
-TAIL_SHARE = 0.25  # share of the sampled positions taken from the largest inputs
-
-
 def sample_patches(
     inputs: torch.Tensor, kernel, stride, padding, dilation, count: int, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """``count`` rows of the unfolded ``inputs`` (the columns ``F.unfold`` gives, zero padding
-    included) and the weight of each row in means over all output positions (summing to 1).
-
-    Stratified so that clipping, which acts on rare large inputs, is measured: the
-    ``TAIL_SHARE`` of the rows are the positions whose patch holds the largest ``|x|``, each
-    standing for itself; the others are drawn uniformly without replacement from the remaining
-    positions and stand for all of them. With ``count`` at least the number of positions,
-    every position once, in order, with equal weights.
-    """
+    included) at output positions drawn uniformly without replacement (all if fewer)."""
     (kh, kw), (sh, sw) = _pair(kernel), _pair(stride)
     (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
     n, _, h, w = inputs.shape
@@ -102,28 +92,15 @@ def sample_patches(
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if ho < 1 or wo < 1:
         raise ValueError("the layer's kernel does not fit its input")
-    padded = F.pad(inputs, (pw, pw, ph, ph))
+    gen = torch.Generator().manual_seed(seed)
     total = n * ho * wo
-    if count >= total:
-        pick = torch.arange(total)
-        weights = torch.full((total,), 1.0 / total, dtype=torch.float64)
-    else:
-        peak = F.max_pool2d(padded.abs().amax(dim=1, keepdim=True), (kh, kw), (sh, sw),
-                            dilation=(dh, dw))[:, 0, :ho, :wo].reshape(-1)
-        order = torch.argsort(peak, descending=True, stable=True)
-        n_tail = int(count * TAIL_SHARE)
-        rest = order[n_tail:]
-        gen = torch.Generator().manual_seed(seed)
-        drawn = rest[torch.randperm(len(rest), generator=gen)[: count - n_tail]]
-        pick = torch.cat([order[:n_tail], drawn])
-        weights = torch.cat([torch.full((n_tail,), 1.0 / total, dtype=torch.float64),
-                             torch.full((len(drawn),), len(rest) / len(drawn) / total,
-                                        dtype=torch.float64)])
-    img, rest_index = pick // (ho * wo), pick % (ho * wo)
-    rows = (rest_index // wo * sh).view(-1, 1) + torch.arange(kh).view(1, -1) * dh  # (P, kh)
-    cols = (rest_index % wo * sw).view(-1, 1) + torch.arange(kw).view(1, -1) * dw  # (P, kw)
+    pick = torch.randperm(total, generator=gen)[:count] if count < total else torch.arange(total)
+    img, rest = pick // (ho * wo), pick % (ho * wo)
+    rows = (rest // wo * sh).view(-1, 1) + torch.arange(kh).view(1, -1) * dh  # (P, kh)
+    cols = (rest % wo * sw).view(-1, 1) + torch.arange(kw).view(1, -1) * dw  # (P, kw)
+    padded = F.pad(inputs, (pw, pw, ph, ph))
     patches = padded[img.view(-1, 1, 1), :, rows.view(-1, kh, 1), cols.view(-1, 1, kw)]
-    return patches.permute(0, 3, 1, 2).reshape(len(pick), -1).contiguous(), weights
+    return patches.permute(0, 3, 1, 2).reshape(len(pick), -1).contiguous()  # (P, C·kh·kw)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -134,13 +111,11 @@ def _pair(v) -> tuple[int, int]:
 class LayerSample:
     """Input patches of one adder layer, its weights and float outputs.
 
-    ``patches`` (P, K) are rows of the layer's unfolded input (padding included), ``weights``
-    (P) their weights in means over all positions (``sample_patches``), ``weight`` (C, K) the
-    flattened filters and ``output`` (P, C) the float64 output ``−Σ|x − w|``.
+    ``patches`` (P, K) are rows of the layer's unfolded input (padding included), ``weight``
+    (C, K) its flattened filters and ``output`` (P, C) the float64 output ``−Σ|x − w|``.
     """
 
     patches: torch.Tensor
-    weights: torch.Tensor
     weight: torch.Tensor
     output: torch.Tensor
 
@@ -155,17 +130,17 @@ class LayerSample:
         count: int,
         seed: int = 0,
     ) -> LayerSample:
-        """Sample ``count`` output positions of ``inputs`` (N, C_in, H, W)."""
+        """Sample ``count`` output positions of ``inputs`` (N, C_in, H, W) uniformly."""
         if inputs.dim() != 4 or len(inputs) == 0:
             raise ValueError(
                 "the clipping search needs the kept calibration inputs of the layer "
                 "(N, C, H, W); calibrate with keep_images > 0"
             )
-        patches, weights = sample_patches(
+        patches = sample_patches(
             inputs.float(), weight.shape[2:], stride, padding, dilation, count, seed
         )
         w = weight.detach().float().flatten(1).contiguous()
-        return cls(patches, weights, w, -torch.cdist(patches.double(), w.double(), p=1))
+        return cls(patches, w, -torch.cdist(patches.double(), w.double(), p=1))
 
 
 def quantized_output(sample: LayerSample, grid: IntervalGrid) -> torch.Tensor:
@@ -184,13 +159,12 @@ def channel_errors(
     (a per-channel bias then corrects it), i.e. the error's variance."""
     c_out = sample.weight.shape[0]
     errors, means = np.empty((c_out, len(candidates))), np.empty((c_out, len(candidates)))
-    weights = sample.weights.view(-1, 1)
     for j, (a, c) in enumerate(candidates):
         diff = quantized_output(sample, interval_grid(float(a), float(c), bits)) - sample.output
-        mean = (weights * diff).sum(dim=0)
+        mean = diff.mean(dim=0)
         if bias_correction:
             diff = diff - mean
-        errors[:, j] = (weights * diff.square()).sum(dim=0).numpy()
+        errors[:, j] = diff.square().mean(dim=0).numpy()
         means[:, j] = mean.numpy()
     return errors, means
 
