@@ -139,3 +139,52 @@ def test_groups_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown quantization method"):
         get_method("nope")
     assert {"fp", "paper", "qssf"} <= set(method_names())
+
+
+def same_grid_reference(layer: QuantAdder2d, x: torch.Tensor) -> torch.Tensor:
+    """``−Δ_g·Σ|q_x − q_w|`` from integer codes (int64) with the padding at code ``z_g``."""
+    out = []
+    for t in range(layer.weight_codes.shape[0]):
+        g = int(layer.group[t])
+        step, z = float(layer.scale[g]), int(layer.zero_point[g])
+        qx = torch.clamp(torch.round(x.double() / step) + z, 0, layer.codes.act_max).long()
+        cols = F.unfold((qx - z).double(), layer.weight_codes.shape[2:], padding=layer.padding,
+                        stride=layer.stride).long() + z  # zero padding is code z
+        sad = (cols - layer.weight_codes[t].flatten().long().view(1, -1, 1)).abs().sum(dim=1)
+        out.append(-step * sad.double())
+    ho = (x.shape[2] + 2 * layer.padding[0] - layer.weight_codes.shape[2]) // layer.stride[0] + 1
+    y = torch.stack(out, dim=1).view(x.shape[0], -1, ho, ho)
+    return y + (layer.clamp_bias + layer.bias).double().view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_integer_kernel_path_is_exact_on_same_grid_codes(bits: int, stride: int) -> None:
+    g = torch.Generator().manual_seed(bits + 10 * stride)
+    layer = Adder2d(5, 7, 3, stride=stride, padding=1)
+    layer.adder.data = torch.randn(7, 5, 3, 3, generator=g)
+    group = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    scale = torch.tensor([0.05, 0.1, 0.2]) * 255 / (2**bits - 1)
+    zero = torch.tensor([0, 3, 1], dtype=torch.int32)
+    q = QuantAdder2d.from_float(layer, group, scale, zero, CodeRange.same_grid(bits))
+    x = torch.randn(3, 5, 9, 9, generator=g) * 3  # negative inputs meet the zero points
+    assert q.code_offset() == 0
+    with torch.no_grad():
+        y_int = q(x)
+    ref = same_grid_reference(q, x)
+    assert torch.allclose(y_int.double(), ref, rtol=1e-6, atol=1e-4)
+    # the float kernel path (taken when a gradient is needed) computes the same values
+    y_float = q(x.clone().requires_grad_())
+    assert y_float.requires_grad
+    assert torch.allclose(y_float.detach().double(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_integer_kernel_path_offsets_paper_codes_and_falls_back_at_8_bits() -> None:
+    _, q, x = make_layer([0, 1, 0, 1, 1, 0], [0.1, 0.2], bits=7)
+    assert q.code_offset() == 2**7  # |q_x − 2·q_w| with 2·q_w ≥ −2^b: both shifted by 2^b
+    with torch.no_grad():
+        assert torch.allclose(q(x).double(), integer_reference(q, x), rtol=1e-6, atol=1e-4)
+    _, q8, x8 = make_layer([0, 1, 0, 1], [0.01, 0.02], bits=8)
+    assert q8.code_offset() is None  # 2^9 − 1 does not fit a byte: the float kernel runs
+    with torch.no_grad():
+        assert torch.allclose(q8(x8).double(), integer_reference(q8, x8), rtol=1e-6, atol=1e-3)

@@ -93,7 +93,8 @@ def analyze(name: str, exp: Experiment, base, fp: float, args: argparse.Namespac
     elif name == "histograms":
         data, table = histograms(exp, base, args.layers, png)
     elif name == "bits":
-        data = accuracy_table(exp, REPRODUCE_ROWS, args.sweep_bits, base)
+        data = accuracy_table(exp, [r for r in REPRODUCE_ROWS if r.default], args.sweep_bits,
+                              base)
         table = format_accuracy_table(data)
         plot_accuracy_vs_bits(data, png)
     else:

@@ -43,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4, 3, 2],
                    help="bit widths (default: %(default)s)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help="rows to run (default: all: " + ", ".join(r.name for r in REPRODUCE_ROWS)
-                   + ")")
+                   help="rows to run, or 'all' (default: "
+                   + ", ".join(r.name for r in REPRODUCE_ROWS if r.default) + "; on request: "
+                   + ", ".join(r.name for r in REPRODUCE_ROWS if not r.default) + ")")
     p.add_argument("--agreement-images", type=int, default=10000,
                    help="last training images used for the agreement column (default: 10000)")
     defaults = PTQConfig()
@@ -57,11 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows = list(REPRODUCE_ROWS)
-    if args.methods:
+    if args.methods and args.methods != ["all"]:
         unknown = sorted(set(args.methods) - {r.name for r in rows})
         if unknown:
-            raise ValueError(f"unknown rows {unknown}; choose from {[r.name for r in rows]}")
+            raise ValueError(f"unknown rows {unknown}; choose from {[r.name for r in rows]} "
+                             "or 'all'")
         rows = [r for r in rows if r.name in args.methods]
+    elif not args.methods:
+        rows = [r for r in rows if r.default]
     if args.agreement_images < 0:
         raise ValueError("--agreement-images must be >= 0")
     base = PTQConfig(**{name: getattr(args, name) for name in RUN_FIELDS})

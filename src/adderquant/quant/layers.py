@@ -11,11 +11,14 @@ Fields (buffers, saved with the model):
 - ``bias`` float32 (C_out): any further additive correction (e.g. bias correction), else zeros.
 
 The output is ``−Σ|x̂ − ŵ| + clamp_bias + bias`` = ``−Δ_g·Σ|q_x − r·q_w| + clamp_bias + bias``.
-Groups that share a grid are computed together. When the grids hold about equally many filters,
-all are computed in one call of the adder kernel: the per-grid quantized copies of the input
-are stacked along channels and the filters of each grid form one convolution group (padded with
-unused filters to the largest grid). When padding would add more than a quarter of the work, the
-kernel is called once per grid instead.
+Inference on the CPU (no gradient needed, codes that fit in a byte, no dilation) runs on the
+integer codes with the uint8 SAD kernel: per grid, ``Σ|q_x − r·q_w|`` in int32, exact, then
+scaled by ``−Δ``. Otherwise (training, CUDA, 8-bit paper codes) the float adder kernel runs on
+dequantized values. Groups that share a grid are computed together. When the grids hold about
+equally many filters, all are computed in one call of the adder kernel: the per-grid quantized
+copies of the input are stacked along channels and the filters of each grid form one convolution
+group (padded with unused filters to the largest grid). When padding would add more than a
+quarter of the work, the kernel is called once per grid instead.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from torch import nn
 from adderquant.nn import Adder2d
 from adderquant.ops import adder2d
 from adderquant.quant.clamp import lossless_clamp
-from adderquant.quant.grid import CodeRange, dequant_weight, fake_quant_act, weight_codes
+from adderquant.quant.grid import (
+    CodeRange,
+    act_codes,
+    dequant_weight,
+    fake_quant_act,
+    weight_codes,
+)
 
 STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped kernel call
 
@@ -136,7 +145,43 @@ class QuantAdder2d(nn.Module):
         m = int(sizes.max())
         return label * m + rank, m
 
+    def code_offset(self) -> int | None:
+        """The offset making both operands of ``|q_x − r·q_w|`` non-negative bytes
+        (``−r·w_min``), or ``None`` when they do not fit in a byte."""
+        offset = -self.codes.weight_ratio * self.codes.weight_min
+        top = max(self.codes.act_max, self.codes.weight_ratio * self.codes.weight_max) + offset
+        return offset if top <= 255 else None
+
+    def _use_integer_kernel(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and self.dilation == (1, 1)
+            and self.code_offset() is not None
+        )
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``−Δ·Σ|q_x − r·q_w|`` on byte codes with the SAD kernel, one call per grid."""
+        from adderquant.engine.sad import sad_conv2d  # the engine package imports this module
+
+        offset = self.code_offset()
+        scales, zero_points, label = self._grids()
+        shifted_w = (self.codes.weight_ratio * self.weight_codes + offset).to(torch.uint8)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.weight_codes.shape[2:], self.stride, self.padding
+        out = torch.empty(n, len(label), (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1,
+                          dtype=torch.int32)
+        for j in range(len(scales)):
+            channels = torch.nonzero(label == j).squeeze(1)
+            codes = act_codes(x.float(), scales[j], zero_points[j], self.codes).add_(offset)
+            sad_conv2d(codes.to(torch.uint8), shifted_w[channels], self.stride, self.padding,
+                       int(zero_points[j]) + offset, out=out, out_index=channels)
+        step = scales[label].view(1, -1, 1, 1)
+        return (out.float() * -step + (self.clamp_bias + self.bias).view(1, -1, 1, 1)).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_integer_kernel(x):
+            return self._integer_forward(x)
         w_hat = self.dequantized_weight()
         scales, zero_points, label = self._grids()
         g, c_out = len(scales), w_hat.shape[0]

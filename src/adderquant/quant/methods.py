@@ -63,12 +63,14 @@ def method_names() -> tuple[str, ...]:
 class ReproduceRow:
     """One method of the reproduce table: ``name`` (``method`` plus an optional hyphenated
     variant suffix), the registered ``method`` and the configuration ``overrides``; ``bits``
-    is ``None`` for a row evaluated once (full precision)."""
+    is ``None`` for a row evaluated once (full precision). Rows with ``default`` false (the
+    ablations) run only when asked for by name or with ``--methods all``."""
 
     name: str
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
     bits: tuple[int, ...] | None = (8, 6, 5, 4, 3, 2)
+    default: bool = True
 
 
 REPRODUCE_ROWS: list[ReproduceRow] = []

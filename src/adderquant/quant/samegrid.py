@@ -146,14 +146,16 @@ def quantize_adderquant(
 
 
 # Rows of ``adderquant reproduce``: the ablation (same grid alone, + clip search, + groups,
-# + mean correction = the full method) and mixed precision at the column's average width.
+# + mean correction = the full method; the first three on request) and mixed precision at the
+# column's average width.
 for _row in (
     ReproduceRow("adderquant-grid", METHOD, {**METHOD_DEFAULTS[METHOD], "clip_search": False,
-                                             "grouping": False, "mean_correction": False}),
+                                             "grouping": False, "mean_correction": False},
+                 default=False),
     ReproduceRow("adderquant-clip", METHOD, {**METHOD_DEFAULTS[METHOD], "grouping": False,
-                                             "mean_correction": False}),
+                                             "mean_correction": False}, default=False),
     ReproduceRow("adderquant-groups", METHOD, {**METHOD_DEFAULTS[METHOD],
-                                               "mean_correction": False}),
+                                               "mean_correction": False}, default=False),
     ReproduceRow("adderquant", METHOD, dict(METHOD_DEFAULTS[METHOD])),
     ReproduceRow("adderquant-mixed", METHOD, {**METHOD_DEFAULTS[METHOD],
                                               "mixed_precision": True}, bits=(6, 5, 4, 3)),
