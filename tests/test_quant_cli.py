@@ -84,3 +84,17 @@ def test_paper_method_meets_the_targets_and_beats_the_shared_scale(
         qssf = exp.run(base.replace(method="qssf", qssf_source="max", bits=bits))[1]["top1"]
         assert paper >= target, (bits, paper)
         assert paper > qssf + 5, (bits, paper, qssf)
+
+
+def test_reproduce_rows_default_all_and_named() -> None:
+    from adderquant.cli.reproduce_cmd import select_rows
+
+    default = [r.name for r in select_rows(None)]
+    assert default[:4] == ["fp", "qssf", "paper-faithful", "paper"]
+    assert "adderquant" in default and "adderquant-mixed" in default
+    assert "adderquant-grid" not in default  # ablation rows run on request
+    every = [r.name for r in select_rows(["all"])]
+    assert set(every) > set(default) and "adderquant-grid" in every
+    assert [r.name for r in select_rows(["adderquant", "fp"])] == ["fp", "adderquant"]
+    with pytest.raises(ValueError, match="unknown rows"):
+        select_rows(["nope"])

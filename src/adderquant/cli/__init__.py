@@ -6,8 +6,6 @@ import argparse
 import importlib
 import sys
 
-from adderquant.cli.heap import fix_mmap_threshold
-
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
 COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze")
 
@@ -26,7 +24,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fix_mmap_threshold()
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)

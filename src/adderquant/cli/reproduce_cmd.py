@@ -21,7 +21,7 @@ from adderquant.quant.analysis import (
     plot_accuracy_vs_bits,
 )
 from adderquant.quant.config import PTQConfig
-from adderquant.quant.methods import REPRODUCE_ROWS
+from adderquant.quant.methods import REPRODUCE_ROWS, ReproduceRow
 from adderquant.quant.report import json_ready
 
 RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
@@ -55,17 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def select_rows(names: list[str] | None) -> list[ReproduceRow]:
+    """The rows named (in table order), every row for ``["all"]``, the default rows for
+    ``None``."""
+    if not names:
+        return [r for r in REPRODUCE_ROWS if r.default]
+    if names == ["all"]:
+        return list(REPRODUCE_ROWS)
+    unknown = sorted(set(names) - {r.name for r in REPRODUCE_ROWS})
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from "
+                         f"{[r.name for r in REPRODUCE_ROWS]} or 'all'")
+    return [r for r in REPRODUCE_ROWS if r.name in names]
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    rows = list(REPRODUCE_ROWS)
-    if args.methods and args.methods != ["all"]:
-        unknown = sorted(set(args.methods) - {r.name for r in rows})
-        if unknown:
-            raise ValueError(f"unknown rows {unknown}; choose from {[r.name for r in rows]} "
-                             "or 'all'")
-        rows = [r for r in rows if r.name in args.methods]
-    elif not args.methods:
-        rows = [r for r in rows if r.default]
+    rows = select_rows(args.methods)
     if args.agreement_images < 0:
         raise ValueError("--agreement-images must be >= 0")
     base = PTQConfig(**{name: getattr(args, name) for name in RUN_FIELDS})

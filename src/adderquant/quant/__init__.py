@@ -2,13 +2,17 @@
 
 from adderquant.quant.calibrate import ActivationObserver, calibrate
 from adderquant.quant.clamp import lossless_clamp
+from adderquant.quant.config import PTQConfig
 from adderquant.quant.grid import CodeRange, check_bits
 from adderquant.quant.grouping import group_filters, kmeans_groups
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
+from adderquant.quant.ptq import CalibrationSet, ptq
 
 __all__ = [
     "ActivationObserver",
+    "CalibrationSet",
     "CodeRange",
+    "PTQConfig",
     "QuantAdder2d",
     "adder_layers",
     "calibrate",
@@ -16,5 +20,6 @@ __all__ = [
     "group_filters",
     "kmeans_groups",
     "lossless_clamp",
+    "ptq",
     "replace_module",
 ]

@@ -41,7 +41,12 @@ STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped 
 
 
 class QuantAdder2d(nn.Module):
-    """Fake-quantized adder layer holding integer codes (see the module docstring)."""
+    """Fake-quantized adder layer holding integer codes (see the module docstring).
+
+    ``integer_kernel`` (class or instance attribute, default ``True``): use the SAD kernel
+    where it applies; ``False`` always runs the float adder kernel (for comparisons)."""
+
+    integer_kernel = True
 
     def __init__(
         self,
@@ -154,7 +159,8 @@ class QuantAdder2d(nn.Module):
 
     def _use_integer_kernel(self, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
+            self.integer_kernel
+            and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
             and self.dilation == (1, 1)
             and self.code_offset() is not None

@@ -1,0 +1,82 @@
+"""Evaluation speed of a quantized ResNet-20: quantized adder layers on integer codes (uint8
+SAD kernel) against the same layers on dequantized values (float adder kernel).
+
+Both paths run in this one process on the same model, images and threads; the ratio is
+float-path time over integer-path time (> 1: the integer path is faster). Also prints the
+share of images on which the two paths predict the same class (they differ only by float
+rounding inside the adder layers, which can move a later layer's codes across a rounding
+boundary). Needs the released checkpoint and CIFAR-10 (``../shared``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from adderquant.data import TensorLoader, load_dataset
+from adderquant.models import create_model, load_pretrained
+from adderquant.paths import default_checkpoint
+from adderquant.quant import PTQConfig, ptq
+from adderquant.quant.config import METHOD_DEFAULTS
+from adderquant.quant.layers import QuantAdder2d
+from adderquant.quant.ptq import CalibrationSet
+
+
+@torch.no_grad()
+def timed_predictions(model: torch.nn.Module, batches: list, integer: bool,
+                      reps: int) -> tuple[float, torch.Tensor]:
+    """Fastest of ``reps`` passes over ``batches`` (seconds) and the predictions."""
+    QuantAdder2d.integer_kernel = integer
+    try:
+        best, preds = float("inf"), None
+        for _ in range(reps):
+            start = time.perf_counter()
+            preds = torch.cat([model(x).argmax(dim=1) for x, _ in batches])
+            best = min(best, time.perf_counter() - start)
+    finally:
+        QuantAdder2d.integer_kernel = True
+    return best, preds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1000, help="test images (default 1000)")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_pretrained(create_model("resnet20", 10), default_checkpoint("resnet20")).eval()
+    images, labels = load_dataset("cifar10", None, train=False)
+    batches = list(TensorLoader(images[: args.images], labels[: args.images], "cifar10",
+                                batch_size=250))
+    rows = []
+    for method in ("adderquant", "paper"):
+        for bits in args.bits:
+            cfg = PTQConfig(method=method, bits=bits, **{"calib_batches": 2,
+                            **METHOD_DEFAULTS.get(method, {})})
+            qmodel, _ = ptq(model, CalibrationSet.from_config(cfg), cfg)
+            t_float, p_float = timed_predictions(qmodel, batches, False, args.reps)
+            t_int, p_int = timed_predictions(qmodel, batches, True, args.reps)
+            rows.append({"method": method, "bits": bits, "float_s": t_float, "integer_s": t_int,
+                         "ratio": t_float / t_int,
+                         "same_prediction": float((p_int == p_float).float().mean())})
+    if args.json:
+        print(json.dumps({"threads": torch.get_num_threads(), "images": args.images,
+                          "rows": rows}))
+        return
+    print(f"{args.images} test images, {torch.get_num_threads()} threads")
+    print("| method | bits | float kernel s | integer kernel s | ratio | same prediction |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['method']} | {r['bits']} | {r['float_s']:.2f} | {r['integer_s']:.2f} | "
+              f"{r['ratio']:.2f} | {100 * r['same_prediction']:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
