@@ -179,11 +179,12 @@ class QuantAdder2d(nn.Module):
                           dtype=torch.int32)
         for j in range(len(scales)):
             channels = torch.nonzero(label == j).squeeze(1)
-            codes = act_codes(x.float(), scales[j], zero_points[j], self.codes).add_(offset)
+            codes = act_codes(x, scales[j], zero_points[j], self.codes).add_(offset)
             sad_conv2d(codes.to(torch.uint8), shifted_w[channels], self.stride, self.padding,
                        int(zero_points[j]) + offset, out=out, out_index=channels)
         step = scales[label].view(1, -1, 1, 1)
-        return (out.float() * -step + (self.clamp_bias + self.bias).view(1, -1, 1, 1)).to(x.dtype)
+        bias = (self.clamp_bias + self.bias).to(x.dtype).view(1, -1, 1, 1)
+        return out.to(x.dtype) * -step.to(x.dtype) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_integer_kernel(x):
