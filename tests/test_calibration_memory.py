@@ -1,35 +1,29 @@
-"""Calibration keeps its memory flat over many batches (measured in a fresh process)."""
+"""Calibration observers keep their samples in one buffer per layer that doubles when full:
+few long-lived allocations (one small tensor kept per batch and layer, between the large
+short-lived activations of a calibration pass, fragmented the C heap by about 20 MB per batch
+on the released ResNet-20) and the same values as drawing them batch by batch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-import pytest
-
-SCRIPT = """
 import torch
-from adderquant.models import create_model
-from adderquant.quant.calibrate import ActivationObserver, calibrate
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return int([l for l in f if l.startswith("VmRSS")][0].split()[1]) // 1024
-torch.manual_seed(0)
-model = create_model("resnet20", 10).eval()
-batches = [(torch.randn(128, 3, 32, 32), None) for _ in range(5)]
-calibrate(model, batches, lambda: ActivationObserver(keep_images=32), progress=False)
-start = rss_mb()
-calibrate(model, batches * 8, lambda: ActivationObserver(keep_images=32), progress=False)
-print(rss_mb() - start)
-"""
+
+from adderquant.quant.calibrate import ActivationObserver
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_calibration_memory_does_not_grow_with_batches() -> None:
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         check=True)
-    # 40 batches of 128 images: the observers keep 40 x 4096 samples per layer (13 MB in all,
-    # up to twice that in their doubling buffers): 28 MB measured. Keeping one small sample
-    # tensor per batch and layer between the large activations grew the heap here by 150 MB
-    # (and by about 20 MB per batch on real images).
-    assert int(out.stdout.split()[-1]) < 80
+def test_samples_are_the_per_batch_draws_in_one_doubling_buffer() -> None:
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(3, 4, 5, 6, generator=gen) for _ in range(37)]
+    obs = ActivationObserver(sample_per_batch=50, seed=7)
+    allocations, ptr = 0, None
+    for x in batches:
+        obs.update(x)
+        if obs._sample.untyped_storage().data_ptr() != ptr:
+            allocations, ptr = allocations + 1, obs._sample.untyped_storage().data_ptr()
+    # the reference: the same generator's draws, batch by batch, concatenated
+    ref_gen = torch.Generator().manual_seed(7)
+    expected = torch.cat([x.flatten()[torch.randint(0, x.numel(), (50,), generator=ref_gen)]
+                          for x in batches])
+    assert torch.equal(obs.sample, expected)
+    # 37 batches of 50 values: capacities 50, 100, 200, ..., 3200: 7 buffers, not 37 tensors
+    assert allocations == 7
+    assert len(obs._sample) < 2 * len(expected)
