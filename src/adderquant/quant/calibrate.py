@@ -84,9 +84,9 @@ class ActivationObserver:
             self.inputs.append(x[: self.keep_images - kept].cpu().clone())
 
     def _append_sample(self, values: torch.Tensor) -> None:
-        """Append to the sample buffer, doubling its capacity when full. (One small tensor
+        """Append to the sample buffer, doubling its capacity when full (one small tensor
         kept per batch and layer, between the large short-lived activations of the pass,
-        fragmented the C heap: about 20 MB of growth per calibration batch.)"""
+        fragments the C heap)."""
         end = self._sample_len + len(values)
         if end > len(self._sample):
             grown = torch.empty(max(end, 2 * len(self._sample)), dtype=values.dtype)

@@ -157,25 +157,24 @@ class QuantAdder2d(nn.Module):
         top = max(self.codes.act_max, self.codes.weight_ratio * self.codes.weight_max) + offset
         return offset if top <= 255 else None
 
-    def _use_integer_kernel(self, x: torch.Tensor) -> bool:
-        return (
-            self.integer_kernel
-            and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and self.dilation == (1, 1)
-            and self.code_offset() is not None
-        )
+    def _integer_kernel_offset(self, x: torch.Tensor) -> int | None:
+        """The code offset when the SAD kernel applies to ``x`` (CPU inference, no dilation,
+        byte-sized codes), else ``None``."""
+        if not self.integer_kernel or x.device.type != "cpu" or self.dilation != (1, 1):
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        return self.code_offset()
 
-    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _integer_forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         """``−Δ·Σ|q_x − r·q_w|`` on byte codes with the SAD kernel, one call per grid."""
-        from adderquant.engine.sad import sad_conv2d  # the engine package imports this module
+        # imported here: the engine package imports this module
+        from adderquant.engine.sad import ConvGeometry, sad_conv2d
 
-        offset = self.code_offset()
         scales, zero_points, label = self._grids()
         shifted_w = (self.codes.weight_ratio * self.weight_codes + offset).to(torch.uint8)
-        n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.weight_codes.shape[2:], self.stride, self.padding
-        out = torch.empty(n, len(label), (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1,
+        geometry = ConvGeometry(tuple(self.weight_codes.shape[2:]), self.stride, self.padding)
+        out = torch.empty(len(x), len(label), *geometry.output_size(*x.shape[2:]),
                           dtype=torch.int32)
         for j in range(len(scales)):
             channels = torch.nonzero(label == j).squeeze(1)
@@ -187,8 +186,9 @@ class QuantAdder2d(nn.Module):
         return out.to(x.dtype) * -step.to(x.dtype) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_integer_kernel(x):
-            return self._integer_forward(x)
+        offset = self._integer_kernel_offset(x)
+        if offset is not None:
+            return self._integer_forward(x, offset)
         w_hat = self.dequantized_weight()
         scales, zero_points, label = self._grids()
         g, c_out = len(scales), w_hat.shape[0]

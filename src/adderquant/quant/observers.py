@@ -84,8 +84,11 @@ def batch_abs_quantiles(
     return summarize_batch(x, requests)[2]
 
 
-def quantize_unsigned(x: torch.Tensor, threshold: float, bits: int) -> torch.Tensor:
-    """``Δ·clamp(round(x/Δ), 0, 2^b − 1)`` with ``Δ = threshold/(2^b − 1)``."""
+def quantize_unsigned(
+    x: torch.Tensor, threshold: float | torch.Tensor, bits: int
+) -> torch.Tensor:
+    """``Δ·clamp(round(x/Δ), 0, 2^b − 1)`` with ``Δ = threshold/(2^b − 1)`` (a tensor of
+    thresholds broadcasts against ``x``)."""
     levels = (1 << bits) - 1
     step = threshold / levels
     return torch.clamp(torch.round(x / step), 0, levels) * step
@@ -111,10 +114,6 @@ def mse_optimal_threshold(
     if top <= 0:
         return MIN_THRESHOLD
     grid = torch.linspace(low * top, top, candidates, dtype=torch.float64)
-    levels = (1 << bits) - 1
-    errors = []
-    for chunk in grid.split(25):  # 25 candidates per broadcast pass: few large tensor ops
-        step = (chunk / levels).view(-1, 1)
-        x_hat = torch.clamp(torch.round(x / step), 0, levels).mul_(step)
-        errors.append((x_hat - x).pow_(2).mean(dim=1))
+    errors = [(quantize_unsigned(x, chunk.view(-1, 1), bits) - x).pow_(2).mean(dim=1)
+              for chunk in grid.split(25)]  # 25 candidates per broadcast pass
     return float(grid[int(torch.argmin(torch.cat(errors)))])
