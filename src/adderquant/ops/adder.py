@@ -11,19 +11,13 @@ from adderquant.ops import _kernel
 from adderquant.ops.reference import _pair, output_size
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("adder2d: x and weight must be torch.Tensor")
+def check_adder_shapes(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
+    """Raise a clear error unless ``x``, ``weight``, ``bias`` and ``groups`` fit together."""
     if x.dim() != 4:
         raise ValueError(f"adder2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(
             f"adder2d: weight must be 4-D (C_out, C_in/groups, kH, kW), got {tuple(weight.shape)}"
-        )
-    if x.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
-        raise TypeError(
-            f"adder2d: x and weight must share a float32 or float64 dtype, got {x.dtype} and "
-            f"{weight.dtype}; convert with .float()"
         )
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(
@@ -36,6 +30,17 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> N
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"adder2d: bias must have shape ({weight.shape[0]},)")
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("adder2d: x and weight must be torch.Tensor")
+    check_adder_shapes(x, weight, bias, groups)
+    if x.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
+        raise TypeError(
+            f"adder2d: x and weight must share a float32 or float64 dtype, got {x.dtype} and "
+            f"{weight.dtype}; convert with .float()"
+        )
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(
             f"adder2d: the compiled kernel runs on the CPU, got x on {x.device} and weight on "

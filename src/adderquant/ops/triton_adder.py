@@ -26,7 +26,7 @@ except ImportError as error:
         "tensors to the CPU with .cpu()"
     ) from error
 
-from adderquant.ops.adder import _geometry, _rescale_
+from adderquant.ops.adder import _geometry, _rescale_, check_adder_shapes
 
 NUM_WARPS = 4
 POSITIONS_PER_SLICE = 256  # output positions one program reduces in the sign weight gradient
@@ -310,22 +310,7 @@ def _check_cuda_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int)
             f"adder2d: the CUDA kernels take float32, got {x.dtype} and {weight.dtype}; convert "
             "with .float()"
         )
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(
-            f"adder2d: x (N, C, H, W) and weight (C_out, C_in/groups, kH, kW) must be 4-D, got "
-            f"{tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
-        raise ValueError(
-            f"adder2d: groups={groups} must divide C_in={x.shape[1]} and C_out={weight.shape[0]}"
-        )
-    if weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(
-            f"adder2d: weight expects {weight.shape[1] * groups} input channels "
-            f"(C_in/groups={weight.shape[1]}, groups={groups}), x has {x.shape[1]}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"adder2d: bias must have shape ({weight.shape[0]},)")
+    check_adder_shapes(x, weight, bias, groups)
 
 
 def adder2d_cuda(
