@@ -100,3 +100,14 @@ def test_reproduce_rows_default_all_and_named() -> None:
     assert [r.name for r in select_rows(["adderquant", "fp"])] == ["fp", "adderquant"]
     with pytest.raises(ValueError, match="unknown rows"):
         select_rows(["nope"])
+
+
+def test_ptq_help_shows_the_defaults_it_runs_with(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["ptq", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "quantization method (default: adderquant)" in text
+    assert "calib batches (default: 2; other methods: 202)" in text
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    assert "quantization method (default: paper)" in " ".join(capsys.readouterr().out.split())

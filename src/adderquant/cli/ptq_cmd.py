@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="write the quantized model here")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_config_args(p, method_names())
+    add_config_args(p, method_names(), DEFAULT_METHOD)
     p.set_defaults(func=run)
 
 

@@ -220,17 +220,26 @@ _HELP = {
 }
 
 
-def add_config_args(parser: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
-    """Add ``--config``, ``--preset`` and one flag per :class:`PTQConfig` field."""
+def add_config_args(
+    parser: argparse.ArgumentParser, methods: tuple[str, ...], default_method: str | None = None
+) -> None:
+    """Add ``--config``, ``--preset`` and one flag per :class:`PTQConfig` field.
+
+    ``default_method`` is the method the command uses when none is given (default: the
+    :class:`PTQConfig` default); the help then shows that method's defaults."""
     g = parser.add_argument_group("quantization configuration")
     g.add_argument("--config", metavar="FILE", help="YAML or JSON file of configuration fields")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="apply a named preset (faithful: the released code's pipeline)")
-    defaults = PTQConfig()
+    method = default_method or PTQConfig.method
+    defaults = PTQConfig(**{**METHOD_DEFAULTS.get(method, {}), "method": method})
     for f in fields(PTQConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        other = getattr(PTQConfig, f.name, default)
+        note = (f"; other methods: {other}"
+                if f.name in METHOD_DEFAULTS.get(method, {}) and other != default else "")
+        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default}{note})"
         if f.name == "method" or f.name in _CHOICES:
             choices = methods if f.name == "method" else _CHOICES[f.name]
             g.add_argument(flag, choices=choices, default=argparse.SUPPRESS, help=help_text)
