@@ -60,10 +60,30 @@ def test_reproduce_and_analyze_write_their_tables(
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["bits"]) for r in rows] == [("fp", None), ("qssf", 8)]
-    assert rows[0]["agreement"] == 100.0 and rows == json.loads((tmp_path / "rows.json")
-                                                                .read_text())
-    assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0
+    assert rows[0]["agreement"] == rows[0]["test_agreement"] == 100.0 and rows[0]["kl"] == 0.0
+    assert rows[1]["kl"] > 0.0 and rows == json.loads((tmp_path / "rows.json").read_text())
+    for plot in ("accuracy_vs_bits", "agreement_vs_bits", "kl_vs_bits"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0
     assert "| qssf |" in (tmp_path / "table.md").read_text()
+    # two calibration seeds: every cell is the mean ± sd of the two single-seed runs
+    single = {}
+    for seed in (0, 1):
+        assert main(["reproduce", "--out", str(tmp_path / f"s{seed}"), "--bits", "4",
+                     "--methods", "adderquant", "--agreement-images", "40", "--seed",
+                     str(seed), *TINY, *args]) == 0
+        single[seed] = json.loads((tmp_path / f"s{seed}" / "results.json").read_text())[0]
+    assert main(["reproduce", "--out", str(tmp_path / "both"), "--bits", "4", "--methods",
+                 "adderquant", "--agreement-images", "40", "--seed", "0", "1", *TINY,
+                 *args]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())[0]
+    for key in ("top1", "test_agreement", "agreement", "kl"):
+        values = [single[0][key], single[1][key]]
+        assert both[f"{key}_seeds"] == pytest.approx(values)
+        assert both[key] == pytest.approx(sum(values) / 2)
+        assert both[f"{key}_sd"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert " ± " in (tmp_path / "both" / "table.md").read_text()
+    assert main(["reproduce", "--out", str(tmp_path), "--seed", "1", "1", *TINY, *args]) == 2
+    assert "--seed values must differ" in capsys.readouterr().err
     capsys.readouterr()
     code = main(["analyze", "histograms", "--method", "paper", "--out", str(tmp_path),
                  "--layers", "layer1.0.conv1", *TINY, *args])

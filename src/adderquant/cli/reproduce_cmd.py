@@ -15,9 +15,11 @@ from adderquant.cli.common import (
     write_json_atomic,
 )
 from adderquant.quant.analysis import (
+    METRICS,
     Experiment,
     accuracy_table,
     format_accuracy_table,
+    over_seeds,
     plot_accuracy_vs_bits,
 )
 from adderquant.quant.config import PTQConfig
@@ -25,7 +27,7 @@ from adderquant.quant.methods import REPRODUCE_ROWS, ReproduceRow
 from adderquant.quant.report import json_ready
 
 RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
-              "bias_correction_batches", "seed")
+              "bias_correction_batches")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = PTQConfig()
     for name in RUN_FIELDS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
-                       help=f"{name.replace('_', ' ')} (default: %(default)s)")
+                       help=f"{name.replace('_', ' ')} of every row that does not set its own "
+                       f"(default: %(default)s)")
+    p.add_argument("--seed", type=int, nargs="+", default=[defaults.seed],
+                   help="calibration seed(s); with several, every cell is the mean ± standard "
+                   "deviation over them (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -80,15 +86,25 @@ def run(args: argparse.Namespace) -> int:
                           agreement_images=args.agreement_images,
                           progress=not args.no_progress)
     exp.check_split(base)
-    results = accuracy_table(exp, rows, args.bits, base)
+    if len(set(args.seed)) != len(args.seed):
+        raise ValueError(f"--seed values must differ, got {args.seed}")
+    results = over_seeds([accuracy_table(exp, rows, args.bits, base.replace(seed=seed))
+                          for seed in args.seed])
     out = Path(args.out)
     n_test = sum(len(y) for _, y in exp.test)
-    top1 = format_accuracy_table(results, "top1")
-    text = [f"Test top-1 (%) on the {n_test}-image test subset:", "", top1]
+    seeds = (f", mean ± sd over calibration seeds {', '.join(map(str, args.seed))}"
+             if len(args.seed) > 1 else "")
+    text = [f"Test top-1 (%) on the {n_test}-image test subset{seeds}:", "",
+            format_accuracy_table(results, "top1"), "",
+            f"Top-1 agreement (%) with the full-precision model on the {n_test} test images:",
+            "", format_accuracy_table(results, "test_agreement")]
     if args.agreement_images:
-        text += ["", f"Top-1 agreement (%) with the full-precision model on the last "
-                 f"{args.agreement_images} training images (calibration: the first "
-                 f"{base.calib_pool}):", "", format_accuracy_table(results, "agreement")]
+        held_out = (f"on the last {args.agreement_images} training images (calibration: the "
+                    f"first {base.calib_pool})")
+        text += ["", f"Top-1 agreement (%) with the full-precision model {held_out}:", "",
+                 format_accuracy_table(results, "agreement"), "",
+                 f"Mean KL divergence of the outputs from the full-precision model's "
+                 f"(10^-3 nats) {held_out}:", "", format_accuracy_table(results, "kl")]
     text = "\n".join(text)
     write_bytes_atomic(out / "table.md", (text + "\n").encode())
     write_json_atomic(out / "results.json", json_ready(results))
@@ -98,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if args.agreement_images:
         plot_accuracy_vs_bits(results, out / "agreement_vs_bits.png", "agreement",
                               "agreement with full precision vs bits")
+        plot_accuracy_vs_bits(results, out / "kl_vs_bits.png", "kl",
+                              f"{METRICS['kl'][0]} vs bits")
     print(text)
     print(f"\nwrote {out}/table.md, results.json and plots in {time.perf_counter() - start:.0f} s")
     return 0

@@ -9,6 +9,7 @@ rows, a Markdown table and writes one PNG.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,22 @@ CALIBRATION_FIELDS = ("calib_batches", "calib_batch_size", "calib_augment", "cal
 
 
 @torch.no_grad()
+def logits(model: nn.Module, batches: Batches) -> torch.Tensor:
+    """The model's outputs for every image (CPU tensor)."""
+    model.eval()
+    return torch.cat([model(x).cpu() for x, _ in batches])
+
+
 def predictions(model: nn.Module, batches: Batches) -> torch.Tensor:
     """Top-1 class of every image (CPU tensor)."""
-    model.eval()
-    return torch.cat([model(x).argmax(dim=1).cpu() for x, _ in batches])
+    return logits(model, batches).argmax(dim=1)
+
+
+def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over images of ``KL(softmax(reference) ‖ softmax(other))`` in nats, in float64."""
+    p_log = torch.log_softmax(reference.double(), dim=1)
+    q_log = torch.log_softmax(other.double(), dim=1)
+    return float((p_log.exp() * (p_log - q_log)).sum(dim=1).mean())
 
 
 def to_batches(
@@ -67,6 +80,7 @@ class Experiment:
     _statistics: dict[tuple, dict[str, ActivationObserver]] = field(default_factory=dict)
     _agreement: Batches = field(default_factory=list)
     _reference: torch.Tensor | None = None
+    _test_reference: torch.Tensor | None = None
 
     @classmethod
     def load(
@@ -115,18 +129,20 @@ class Experiment:
         return cached
 
     def agreement_batches(self) -> tuple[Batches, torch.Tensor]:
-        """The last ``agreement_images`` training images and the float model's predictions."""
+        """The last ``agreement_images`` training images and the float model's logits."""
         if self._reference is None:
             n = self.agreement_images
             self._agreement = to_batches(self.train_images[-n:], self.train_labels[-n:],
                                          self.dataset, self.device)
-            self._reference = predictions(self.model, self._agreement)
+            self._reference = logits(self.model, self._agreement)
         return self._agreement, self._reference
 
     def run(self, cfg: PTQConfig) -> tuple[nn.Module, dict[str, Any]]:
-        """Quantize with ``cfg``; returns the model and a row: top1 on the test subset,
-        top-1 agreement with the float model (if agreement images were asked for), mean
-        layer SQNR and seconds."""
+        """Quantize with ``cfg``; returns the model and a row: top1 on the test subset and
+        top-1 agreement with the float model there (``test_agreement``), top-1 agreement on
+        the agreement images and the mean KL divergence of the outputs from the float model's
+        there (``agreement``, ``kl`` in nats; if agreement images were asked for), mean layer
+        SQNR and seconds."""
         start = time.perf_counter()
         if cfg.method == FULL_PRECISION:
             qmodel, report = copy.deepcopy(self.model), {"layers": []}
@@ -135,12 +151,20 @@ class Experiment:
             qmodel, report = ptq(self.model, self.calibration_set(cfg), cfg, observers,
                                  self.progress)
         labels = torch.cat([y for _, y in self.test])
-        top1 = 100.0 * float((predictions(qmodel, self.test) == labels).float().mean())
-        row: dict[str, Any] = {"method": cfg.method, "bits": cfg.bits, "top1": top1}
+        if self._test_reference is None:
+            self._test_reference = predictions(self.model, self.test)
+        predicted = predictions(qmodel, self.test)
+        row: dict[str, Any] = {
+            "method": cfg.method, "bits": cfg.bits,
+            "top1": 100.0 * float((predicted == labels).float().mean()),
+            "test_agreement": 100.0 * float((predicted == self._test_reference).float().mean()),
+        }
         if self.agreement_images:
             batches, reference = self.agreement_batches()
+            out = logits(qmodel, batches)
             row["agreement"] = 100.0 * float(
-                (predictions(qmodel, batches) == reference).float().mean())
+                (out.argmax(dim=1) == reference.argmax(dim=1)).float().mean())
+            row["kl"] = mean_kl(reference, out)
         sqnr = [e["sqnr_db"] for e in report["layers"] if "sqnr_db" in e]
         if sqnr:
             row["mean_sqnr_db"] = sum(sqnr) / len(sqnr)
@@ -174,33 +198,83 @@ def _progress_line(r: dict[str, Any]) -> str:
     return f"{r['method']:>16s} {bits:>5s}: top-1 {r['top1']:.1f} %{agree}  ({r['seconds']:.0f} s)"
 
 
+# key: (title, scale, decimals) of a table column; decimals None: three significant digits
+METRICS: dict[str, tuple[str, float, int | None]] = {
+    "top1": ("test top-1 (%)", 1.0, 1),
+    "agreement": ("top-1 agreement (%)", 1.0, 2),
+    "kl": ("KL divergence from full precision (10^-3 nats)", 1e3, None),
+    "test_agreement": ("top-1 agreement on the test images (%)", 1.0, 1),
+}
+
+
+def _decimals(value: float, decimals: int | None) -> int:
+    if decimals is not None:
+        return decimals
+    return max(0, 2 - math.floor(math.log10(abs(value)))) if value else 0
+
+
+def over_seeds(runs: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Merge the rows of runs with different calibration seeds (the same rows in the same
+    order): each metric becomes its mean, with ``<metric>_sd`` (sample standard deviation)
+    and ``<metric>_seeds`` (the values per seed); ``seconds`` is summed."""
+    if len(runs) == 1:
+        return list(runs[0])
+    merged = []
+    for rows in zip(*runs, strict=True):
+        if len({(r["method"], r["bits"]) for r in rows}) != 1:
+            raise ValueError("runs to merge must hold the same rows in the same order")
+        row = {"method": rows[0]["method"], "bits": rows[0]["bits"],
+               "seconds": sum(r["seconds"] for r in rows)}
+        for key in [*METRICS, "mean_sqnr_db"]:
+            if key in rows[0]:
+                values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+                row[key] = float(values.mean())
+                row[f"{key}_sd"] = float(values.std())
+                row[f"{key}_seeds"] = values.tolist()
+        merged.append(row)
+    return merged
+
+
 def format_accuracy_table(results: list[dict[str, Any]], key: str = "top1") -> str:
-    """Methods as rows, bit widths as columns (full precision in its own column)."""
+    """Methods as rows, bit widths as columns (full precision in its own column); a metric
+    merged over seeds shows ``mean ± sd``."""
+    _, scale, decimals = METRICS[key]
     bits = sorted({r["bits"] for r in results if r["bits"] is not None}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in results))
     head = "| method | " + " | ".join(["FP", *[f"{b} bits" for b in bits]]) + " |"
     lines = [head, "| --- |" + " ---: |" * (len(bits) + 1)]
+
+    def cell(r: dict[str, Any]) -> str:
+        d = _decimals(scale * r[key], decimals)
+        text = f"{scale * r[key]:.{d}f}"
+        sd = r.get(f"{key}_sd")
+        return text if sd is None else f"{text} ± {scale * sd:.{d}f}"
+
     for m in methods:
-        cells = {r["bits"]: r[key] for r in results if r["method"] == m and key in r}
-        row = [f"{cells[None]:.1f}" if None in cells else ""]
-        row += [f"{cells[b]:.1f}" if b in cells else "" for b in bits]
+        cells = {r["bits"]: cell(r) for r in results if r["method"] == m and key in r}
+        row = [cells.get(None, "")] + [cells.get(b, "") for b in bits]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def plot_accuracy_vs_bits(results: list[dict[str, Any]], path: str | Path,
                           key: str = "top1", title: str = "") -> None:
+    """One line per method (error bars: the standard deviation over seeds, if merged)."""
+    label, scale, _ = METRICS[key]
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in dict.fromkeys(r["method"] for r in results):
-        pts = sorted((r["bits"], r[key]) for r in results
-                     if r["method"] == m and r["bits"] is not None and key in r)
-        fp = [r[key] for r in results if r["method"] == m and r["bits"] is None]
+        pts = sorted((r["bits"], scale * r[key], scale * r.get(f"{key}_sd", 0.0))
+                     for r in results if r["method"] == m and r["bits"] is not None and key in r)
+        fp = [scale * r[key] for r in results if r["method"] == m and r["bits"] is None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        if fp:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        marker="o", capsize=3, label=m)
+        if fp and key != "kl":
             ax.axhline(fp[0], color="grey", linestyle="--", label=f"{m} ({fp[0]:.1f})")
+    if key == "kl":
+        ax.set_yscale("log")
     ax.set_xlabel("bits (weights = activations)")
-    ax.set_ylabel("top-1 agreement (%)" if key == "agreement" else "test top-1 (%)")
+    ax.set_ylabel(label)
     ax.set_title(title or "accuracy vs bits, 1,000-image test subset")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
