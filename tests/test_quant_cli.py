@@ -109,7 +109,7 @@ def test_paper_method_meets_the_targets_and_beats_the_shared_scale(
 
 
 def test_reproduce_rows_default_all_and_named() -> None:
-    from adderquant.cli.reproduce_cmd import select_rows
+    from adderquant.quant.methods import select_rows
 
     default = [r.name for r in select_rows(None)]
     assert default[:4] == ["fp", "qssf", "paper-faithful", "paper"]

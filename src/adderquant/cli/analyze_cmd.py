@@ -30,7 +30,7 @@ from adderquant.quant.analysis import (
     sweep,
 )
 from adderquant.quant.config import add_config_args, config_from_args
-from adderquant.quant.methods import REPRODUCE_ROWS, method_names
+from adderquant.quant.methods import method_names, select_rows
 from adderquant.quant.report import json_ready
 
 SWEEPS = {
@@ -93,8 +93,7 @@ def analyze(name: str, exp: Experiment, base, fp: float, args: argparse.Namespac
     elif name == "histograms":
         data, table = histograms(exp, base, args.layers, png)
     elif name == "bits":
-        data = accuracy_table(exp, [r for r in REPRODUCE_ROWS if r.default], args.sweep_bits,
-                              base)
+        data = accuracy_table(exp, select_rows(None), args.sweep_bits, base)
         table = format_accuracy_table(data)
         plot_accuracy_vs_bits(data, png)
     else:

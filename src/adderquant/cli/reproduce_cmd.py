@@ -23,7 +23,7 @@ from adderquant.quant.analysis import (
     plot_accuracy_vs_bits,
 )
 from adderquant.quant.config import PTQConfig
-from adderquant.quant.methods import REPRODUCE_ROWS, ReproduceRow
+from adderquant.quant.methods import REPRODUCE_ROWS, select_rows
 from adderquant.quant.report import json_ready
 
 RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bit widths (default: %(default)s)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="rows to run, or 'all' (default: "
-                   + ", ".join(r.name for r in REPRODUCE_ROWS if r.default) + "; on request: "
+                   + ", ".join(r.name for r in select_rows(None)) + "; on request: "
                    + ", ".join(r.name for r in REPRODUCE_ROWS if not r.default) + ")")
     p.add_argument("--agreement-images", type=int, default=10000,
                    help="last training images used for the agreement column (default: 10000)")
@@ -59,20 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration seed(s); with several, every cell is the mean ± standard "
                    "deviation over them (default: %(default)s)")
     p.set_defaults(func=run)
-
-
-def select_rows(names: list[str] | None) -> list[ReproduceRow]:
-    """The rows named (in table order), every row for ``["all"]``, the default rows for
-    ``None``."""
-    if not names:
-        return [r for r in REPRODUCE_ROWS if r.default]
-    if names == ["all"]:
-        return list(REPRODUCE_ROWS)
-    unknown = sorted(set(names) - {r.name for r in REPRODUCE_ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; choose from "
-                         f"{[r.name for r in REPRODUCE_ROWS]} or 'all'")
-    return [r for r in REPRODUCE_ROWS if r.name in names]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -81,6 +81,20 @@ def register_reproduce_row(row: ReproduceRow) -> None:
     REPRODUCE_ROWS[:] = [r for r in REPRODUCE_ROWS if r.name != row.name] + [row]
 
 
+def select_rows(names: list[str] | None) -> list[ReproduceRow]:
+    """The rows named (in table order), every row for ``["all"]``, the default rows for
+    ``None``."""
+    if not names:
+        return [r for r in REPRODUCE_ROWS if r.default]
+    if names == ["all"]:
+        return list(REPRODUCE_ROWS)
+    unknown = sorted(set(names) - {r.name for r in REPRODUCE_ROWS})
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from "
+                         f"{[r.name for r in REPRODUCE_ROWS]} or 'all'")
+    return [r for r in REPRODUCE_ROWS if r.name in names]
+
+
 # --------------------------------------------------------------------------- helpers
 
 
