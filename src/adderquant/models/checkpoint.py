@@ -38,11 +38,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a released checkpoint into ``model``; any missing, unexpected or mis-shaped key is an
-    error that lists them."""
+    """Load a released checkpoint into ``model``; any missing (except BatchNorm batch counters),
+    unexpected or mis-shaped key is an error that lists them."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm batch counters; they only matter
+    # for momentum=None training, so the model's own (zero) counters stand in for them.
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -59,5 +61,5 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
             lines.append(f"  shape mismatches: {'; '.join(shapes[:10])}")
         lines.append("  is --model the architecture this checkpoint was trained with?")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state)
+    model.load_state_dict({**own, **state})
     return model
