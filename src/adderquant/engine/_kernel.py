@@ -36,6 +36,11 @@ _SIGNATURES: dict[str, tuple[type | None, list]] = {
         [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
          _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _INT],  # mult, offset, shift, residual, relu, out,
     ),                                              # threads
+    "sums_to_float": (
+        None,
+        [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
+         _PTR, _PTR, _PTR, _PTR, _INT],  # excess, step, bias, out, threads
+    ),
 }
 
 ERRORS = {

@@ -752,5 +752,38 @@ void float_to_stream(const float *x, int64_t count, int frac_bits, int64_t *out,
     for (int64_t i = 0; i < count; i++) out[i] = (int64_t)rint((double)x[i] * unit);
 }
 
+/* Float outputs of SAD sums: out[n][c][p] = (float)(in[n][c][p] + excess[c]) * step[c] + bias[c]
+ * in float32, the product rounded before the sum (no fused multiply-add), exactly as PyTorch
+ * computes `(sums + excess).float() * step + bias`. */
+#define AFFINE_ROW                                                                          \
+    for (int64_t p = 0; p < pixels; p++) dst[p] = (float)(src[p] + e) * st + b;
+
+__attribute__((optimize("fp-contract=off"))) static void
+affine_row_base(const int32_t *restrict src, int64_t pixels, int32_t e, float st, float b,
+                float *restrict dst) {
+    AFFINE_ROW
+}
+
+__attribute__((optimize("fp-contract=off"), target("avx512f,avx512bw,avx512dq,avx512vl")))
+static void affine_row_avx512(const int32_t *restrict src, int64_t pixels, int32_t e, float st,
+                              float b, float *restrict dst) {
+    AFFINE_ROW
+}
+
+void sums_to_float(const int32_t *in, int64_t n_img, int64_t channels, int64_t pixels,
+                   const int32_t *excess, const float *step, const float *bias, float *out,
+                   int threads) {
+    if (threads <= 0) threads = omp_get_max_threads();
+    void (*row)(const int32_t *, int64_t, int32_t, float, float, float *) =
+        wide_rows() ? affine_row_avx512 : affine_row_base;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_img; n++) {
+        for (int64_t c = 0; c < channels; c++) {
+            const int64_t base = (n * channels + c) * pixels;
+            row(in + base, pixels, excess[c], step[c], bias[c], out + base);
+        }
+    }
+}
+
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_sad_kernel", NULL, -1, NULL};
 PyMODINIT_FUNC PyInit__sad_kernel(void) { return PyModule_Create(&def); }
