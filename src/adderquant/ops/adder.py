@@ -50,7 +50,8 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> N
 
 def _geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int):
     """The kernel's shape record, after checking stride, padding, dilation and output size."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    sh, sw = _pair(stride, "stride")
+    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(
             f"adder2d: stride {(sh, sw)} and dilation {(dh, dw)} must be >= 1 and padding "
