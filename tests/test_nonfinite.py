@@ -8,8 +8,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from adderquant.cli import main
+from adderquant.engine import IntegerEngine, lower
+from adderquant.models import CheckpointError, create_model, load_pretrained
 from adderquant.ops import _kernel, adder2d
 from adderquant.ops.reference import adder2d_reference, adder2d_reference_grads
+from adderquant.quant import CodeRange, QuantAdder2d, adder_layers, group_filters, replace_module
+from adderquant.quant.io import load_quantized, save_quantized
 
 SIMD_PATHS = [p for p in _kernel.SIMD_PATHS if p != "avx512" or _kernel.simd_path() == "avx512"]
 
@@ -209,3 +214,105 @@ def test_geometry_accepts_integer_like_values():
     x, w = torch.randn(1, 1, 6, 6), torch.randn(2, 1, 3, 3)
     expected = adder2d_reference(x, w, stride=(1, 2), padding=1)
     torch.testing.assert_close(adder2d(x, w, stride=[1, torch.tensor(2)], padding=1), expected)
+
+
+# ---- case 3: checkpoints and quantized models with NaN/inf are refused, naming the tensor ----
+
+
+def _poisoned_resnet20(name: str, value: float) -> torch.nn.Module:
+    """A random ResNet-20 whose tensor ``name`` holds ``value`` in one entry."""
+    model = create_model("resnet20")
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[1] = value
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("layer2.1.conv1.adder", float("nan")),
+        ("layer1.0.bn2.running_mean", float("nan")),
+        ("bn1.running_var", float("inf")),
+        ("fc.weight", -float("inf")),
+        ("layer3.2.bn1.running_var", -0.5),
+    ],
+)
+def test_case03_checkpoint_with_bad_numbers_is_refused(tmp_path, name, value):
+    path = tmp_path / "bad.pth"
+    torch.save(_poisoned_resnet20(name, value).state_dict(), path)
+    with pytest.raises(CheckpointError, match=rf"{name} \(1 "):
+        load_pretrained(create_model("resnet20"), path)
+
+
+def test_case03_eval_of_nan_checkpoint_exits_2_naming_the_tensor(tmp_path, capsys):
+    path = tmp_path / "nan.pth"
+    torch.save({"state_dict": _poisoned_resnet20("layer1.1.bn1.running_var", float("nan"))
+                .state_dict()}, path)
+    assert main(["eval", "--model", "resnet20", "--checkpoint", str(path), "--limit", "8",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "layer1.1.bn1.running_var (1 of 16 values NaN/inf)" in err
+    assert "Traceback" not in err
+
+
+def test_case03_finite_checkpoint_still_loads(tmp_path):
+    model = create_model("resnet20")
+    torch.save(model.state_dict(), tmp_path / "ok.pth")
+    loaded = load_pretrained(create_model("resnet20"), tmp_path / "ok.pth")
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+
+
+def _quantized_resnet20() -> torch.nn.Module:
+    """A random ResNet-20 with every adder layer quantized to 4 bits on two grids."""
+    model = create_model("resnet20").eval()
+    codes = CodeRange(4, 1)
+    for name, layer in adder_layers(model).items():
+        w = layer.adder.detach()
+        group = group_filters(w, 2)
+        top = torch.stack([w[group == g].abs().max() for g in range(2)])
+        replace_module(model, name, QuantAdder2d.from_float(
+            layer, group, top / codes.act_max, torch.zeros(2, dtype=torch.int32), codes,
+            torch.zeros(2), top))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["layer1.0.conv1.scale", "layer3.0.bn2.running_mean"])
+def test_case03_quantized_model_with_nan_is_refused(tmp_path, capsys, name):
+    model = _quantized_resnet20()
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[0] = float("nan")
+    path = tmp_path / "bad.aq"
+    save_quantized(path, model, "resnet20", 10, {})
+    with pytest.raises(ValueError, match=rf"{name} \(1 of"):
+        load_quantized(path)
+    assert main(["export", str(path), "--out", str(tmp_path / "pkg")]) == 2
+    assert name in capsys.readouterr().err
+    assert not (tmp_path / "pkg").exists()
+
+
+# ---- case 12: the integer engine refuses non-finite images ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine() -> IntegerEngine:
+    return IntegerEngine(lower(_quantized_resnet20(), "resnet20"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_case12_engine_refuses_non_finite_pixels(engine, value):
+    images = torch.randn(3, 3, 32, 32)
+    images[1, 2, 5, 7] = value
+    with pytest.raises(ValueError, match=r"1 of 3 images hold NaN or infinite pixels.*image 1"):
+        engine(images)
+
+
+def test_case12_engine_refuses_float64_pixels_beyond_float32(engine):
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    images[0, 0, 0, 0] = 1e39
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        engine(images)
+
+
+def test_case12_engine_runs_finite_images(engine):
+    logits = engine(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and logits.isfinite().all()

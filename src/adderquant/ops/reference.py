@@ -55,7 +55,10 @@ def adder2d_reference(
 ) -> torch.Tensor:
     """``Y[n,t,i,j] = -sum_{c,u,v} |X[n,c,i*s+u,j*s+v] - W[t,c,u,v]|`` by explicit unfolding.
 
-    Autograd through this function gives the true (sign) gradients.
+    Autograd through this function gives the true (sign) gradients. It is the definition
+    also for NaN and inf: ``|x - w|`` and the sum follow IEEE arithmetic term by term (evaluate
+    it in float64 to compare with the compiled kernel, whose non-finite results are the
+    float64 definition rounded).
     """
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape

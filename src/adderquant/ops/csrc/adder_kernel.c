@@ -500,6 +500,31 @@ static void FN(unfold)(const adder_geometry *g, const FN(unfolding) *u, const T 
  * precision (stopping at the first NaN): it is then the float64 definition rounded to T. Finite
  * inputs whose results stay finite never come here. */
 
+/* Whether any lane of the mask m is set. */
+INLINE int FN(any_lane)(IVEC m)
+{
+    int any = 0;
+    for (int i = 0; i < LANES; i++)
+        any |= m[i] != 0;
+    return any;
+}
+
+/* Whether any of the n values at p is NaN or infinite (one subtraction, comparison and OR per
+ * vector). */
+static int FN(any_nonfinite)(const T *p, int64_t n)
+{
+    IVEC m = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const VEC v = VLOAD(p + i);
+        m |= (v - v) != VZERO;
+    }
+    int any = FN(any_lane)(m);
+    for (; i < n; i++)
+        any |= !isfinite(p[i]);
+    return any;
+}
+
 /* One item's input (C_in/groups x H x W) at channel c, row i, column j; zero in the padding. */
 static inline T FN(input_at)(const adder_geometry *g, const T *x, int64_t c, int64_t i,
                              int64_t j)
@@ -540,6 +565,8 @@ static void FN(repair_grad_input)(const adder_geometry *g, const T *x, const T *
 {
     const int64_t cg_in = g->c_in / g->groups, cg_out = g->c_out / g->groups;
     const int64_t p = g->h_out * g->w_out, k = cg_in * g->kh * g->kw;
+    if (!FN(any_nonfinite)(gx + c0 * g->h * g->w, (c1 - c0) * g->h * g->w))
+        return;
     for (int64_t c = c0; c < c1; c++)
         for (int64_t i = 0; i < g->h; i++)
             for (int64_t j = 0; j < g->w; j++) {
@@ -573,10 +600,9 @@ static void FN(repair_grad_weight)(const adder_geometry *g, const T *x, const T 
 {
     const int64_t cg_in = g->c_in / g->groups, cg_out = g->c_out / g->groups;
     const int64_t p = g->h_out * g->w_out, hw = g->h * g->w, k = cg_in * g->kh * g->kw;
-    int any = 0;
-    for (int64_t e = 0; e < g->c_out * k; e++)
-        any |= !isfinite(gw[e]);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (any)
+    if (!FN(any_nonfinite)(gw, g->c_out * k))
+        return;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t e = 0; e < g->c_out * k; e++) {
         if (isfinite(gw[e]))
             continue;
@@ -615,12 +641,12 @@ static int FN(forward_nv)(int64_t p)
  * sum x per position; the first `nrows` channels and `np` positions are written to y (row
  * stride y_ld). The sum is accumulated with fma(min, 1, acc): on AMD Zen 4 min and add share
  * execution ports while FMA has its own, which doubles the throughput (neutral elsewhere).
- * Returns non-zero when a computed value (written or in the block's padding) is NaN or
- * infinite: the identity drops NaN in min and overflows or gives inf - inf where the definition
- * does not, so such outputs are recomputed (see repair_forward). */
-INLINE int FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, const T *wp,
+ * Lanes of *nonfinite are set where a computed value (written or in the block's padding) is
+ * NaN or infinite: the identity can overflow or give inf - inf where the definition does not,
+ * so such outputs are recomputed (see repair_forward). */
+INLINE void FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, const T *wp,
                               int64_t k, const VEC *colsum, const T *wsum, int64_t nrows,
-                              int64_t np, T *y, int64_t y_ld, const int nv)
+                              int64_t np, T *y, int64_t y_ld, const int nv, IVEC *nonfinite)
 {
     const VEC one = VSET1(1);
     VEC acc[MR][NV_MAX];
@@ -643,7 +669,6 @@ INLINE int FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, cons
                 acc[r][v] = VFMA(VMIN(xv[v], wv), one, acc[r][v]);
         }
     }
-    IVEC nonfinite = {0};
     for (int64_t r = 0; r < nrows; r++) {
         const VEC ws = VSET1(wsum[r]);
         T part[NV_MAX * LANES];
@@ -651,16 +676,12 @@ INLINE int FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, cons
 #pragma GCC unroll 8
         for (int v = 0; v < nv; v++) {
             const VEC o = acc[r][v] + acc[r][v] - colsum[v] - ws;
-            nonfinite |= (o - o) != VZERO; /* inf - inf and NaN - NaN are NaN */
+            *nonfinite |= (o - o) != VZERO; /* inf - inf and NaN - NaN are NaN */
             VSTORE(out + v * LANES, o);
         }
         if (out == part)
             memcpy(y + r * y_ld, part, (size_t)np * sizeof(T));
     }
-    int any = 0;
-    for (int i = 0; i < LANES; i++)
-        any |= nonfinite[i] != 0;
-    return any;
 }
 
 /* Output panels [b0, b1) of nv vectors of positions of one item (y: C_out/groups x P); non-zero
@@ -669,7 +690,7 @@ INLINE int FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
                                   const T *wpack, const T *wsum, int64_t cg_out, int64_t p,
                                   T *y, int64_t b0, int64_t b1, const int nv)
 {
-    int nonfinite = 0;
+    IVEC nonfinite = {0};
     for (int64_t b = b0; b < b1; b++) {
         const int64_t p0 = b * nv * LANES, np = min64(nv * LANES, p - p0);
         VEC colsum[NV_MAX];
@@ -679,10 +700,10 @@ INLINE int FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
             for (int v = 0; v < nv; v++)
                 colsum[v] += VLOAD(buf + rows[kk] + p0 + v * LANES);
         for (int64_t t0 = 0; t0 < cg_out; t0 += MR)
-            nonfinite |= FN(forward_block)(buf, rows, p0, wpack + t0 * k, k, colsum, wsum + t0,
-                                           min64(MR, cg_out - t0), np, y + t0 * p + p0, p, nv);
+            FN(forward_block)(buf, rows, p0, wpack + t0 * k, k, colsum, wsum + t0,
+                              min64(MR, cg_out - t0), np, y + t0 * p + p0, p, nv, &nonfinite);
     }
-    return nonfinite;
+    return FN(any_lane)(nonfinite);
 }
 
 static int FN(forward_panels)(const T *buf, const int64_t *rows, int64_t k, const T *wpack,
