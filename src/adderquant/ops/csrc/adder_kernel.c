@@ -18,6 +18,11 @@
  * in its own buffers; otherwise all threads share one item's buffers and split its work by
  * channels, panels and rows. Small problems run on fewer threads.
  *
+ * Non-finite values. The rearranged sums can turn an overflow or an infinity into NaN; every
+ * result that comes out NaN or infinite is recomputed from the definition in double precision
+ * (repair_forward, repair_grad_input, repair_grad_weight), so NaN and inf follow PyTorch's
+ * float64 evaluation of the definition while finite results take only a cheap check.
+ *
  * Instruction sets. The code under ADDER_TEMPLATE_BODY is compiled once per (element type,
  * instruction set): this file includes itself with ADDER_DOUBLE and ADDER_ISA set. The AVX-512,
  * AVX2 and portable (16-byte GCC vectors) versions are chosen at run time.
@@ -500,7 +505,7 @@ static void FN(unfold)(const adder_geometry *g, const FN(unfolding) *u, const T 
  * precision (stopping at the first NaN): it is then the float64 definition rounded to T. Finite
  * inputs whose results stay finite never come here. */
 
-/* Whether any lane of the mask m is set. */
+/* Whether any lane of m has a bit set. */
 INLINE int FN(any_lane)(IVEC m)
 {
     int any = 0;
@@ -509,15 +514,15 @@ INLINE int FN(any_lane)(IVEC m)
     return any;
 }
 
-/* Whether any of the n values at p is NaN or infinite (one subtraction, comparison and OR per
- * vector). */
+/* Whether any of the n values at p is NaN or infinite: v - v is +0 (no bit set) for finite v
+ * and NaN otherwise; one subtraction and one OR per vector. */
 static int FN(any_nonfinite)(const T *p, int64_t n)
 {
     IVEC m = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         const VEC v = VLOAD(p + i);
-        m |= (v - v) != VZERO;
+        m |= (IVEC)(v - v);
     }
     int any = FN(any_lane)(m);
     for (; i < n; i++)
@@ -611,7 +616,8 @@ static void FN(repair_grad_weight)(const adder_geometry *g, const T *x, const T 
         const double wv = w[e];
         double sum = 0;
         for (int64_t n = 0; n < g->n && !isnan(sum); n++) {
-            const T *xn = x + (n * g->c_in + t / cg_out * cg_in) * hw, *gn = gy + (n * g->c_out + t) * p;
+            const T *xn = x + (n * g->c_in + t / cg_out * cg_in) * hw;
+            const T *gn = gy + (n * g->c_out + t) * p;
             for (int64_t q = 0; q < p; q++) {
                 const int64_t i = q / g->w_out * g->stride_h - g->pad_h + u * g->dil_h;
                 const int64_t j = q % g->w_out * g->stride_w - g->pad_w + v * g->dil_w;
@@ -641,8 +647,8 @@ static int FN(forward_nv)(int64_t p)
  * sum x per position; the first `nrows` channels and `np` positions are written to y (row
  * stride y_ld). The sum is accumulated with fma(min, 1, acc): on AMD Zen 4 min and add share
  * execution ports while FMA has its own, which doubles the throughput (neutral elsewhere).
- * Lanes of *nonfinite are set where a computed value (written or in the block's padding) is
- * NaN or infinite: the identity can overflow or give inf - inf where the definition does not,
+ * Lanes of *nonfinite get bits set where a computed value (written or in the block's padding)
+ * is NaN or infinite: the identity can overflow or give inf - inf where the definition does not,
  * so such outputs are recomputed (see repair_forward). */
 INLINE void FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, const T *wp,
                               int64_t k, const VEC *colsum, const T *wsum, int64_t nrows,
@@ -676,7 +682,7 @@ INLINE void FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, con
 #pragma GCC unroll 8
         for (int v = 0; v < nv; v++) {
             const VEC o = acc[r][v] + acc[r][v] - colsum[v] - ws;
-            *nonfinite |= (o - o) != VZERO; /* inf - inf and NaN - NaN are NaN */
+            *nonfinite |= (IVEC)(o - o); /* +0 when o is finite, NaN when not */
             VSTORE(out + v * LANES, o);
         }
         if (out == part)
@@ -684,11 +690,11 @@ INLINE void FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, con
     }
 }
 
-/* Output panels [b0, b1) of nv vectors of positions of one item (y: C_out/groups x P); non-zero
- * when a block saw a non-finite value. */
+/* Output panels [b0, b1) of nv vectors of positions of one item (y: C_out/groups x P);
+ * non-zero when a block computed a non-finite value. */
 INLINE int FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
-                                  const T *wpack, const T *wsum, int64_t cg_out, int64_t p,
-                                  T *y, int64_t b0, int64_t b1, const int nv)
+                                 const T *wpack, const T *wsum, int64_t cg_out, int64_t p, T *y,
+                                 int64_t b0, int64_t b1, const int nv)
 {
     IVEC nonfinite = {0};
     for (int64_t b = b0; b < b1; b++) {
@@ -707,8 +713,8 @@ INLINE int FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
 }
 
 static int FN(forward_panels)(const T *buf, const int64_t *rows, int64_t k, const T *wpack,
-                               const T *wsum, int64_t cg_out, int64_t p, T *y, int64_t b0,
-                               int64_t b1, int nv)
+                              const T *wsum, int64_t cg_out, int64_t p, T *y, int64_t b0,
+                              int64_t b1, int nv)
 {
     switch (nv) {
 #if NV_MAX >= 4
