@@ -36,7 +36,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
-    problems = nonfinite_tensors(state)
+    problems = tensors_with_bad_numbers(state)
     if problems:
         raise CheckpointError(
             f"checkpoint {path} holds values that make the outputs meaningless: "
@@ -45,7 +45,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def nonfinite_tensors(state: Mapping[str, torch.Tensor], shown: int = 5) -> str:
+def tensors_with_bad_numbers(state: Mapping[str, torch.Tensor], shown: int = 5) -> str:
     """The floating tensors of ``state`` holding NaN or inf, and BatchNorm variances below zero
     (NaN after the square root), as ``name (count of size NaN/inf)``; empty when none."""
     found = []

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
     """``(v, v)`` for an integer, ``(v[0], v[1])`` for a pair of integers; else a clear error
-    naming ``name`` (stride, padding or dilation)."""
+    naming ``name`` (stride, padding, dilation or kernel_size)."""
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ValueError(
