@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data and the released checkpoint (skipped when absent)."""
+"""Shared fixtures: the real data and the released checkpoint (skipped when absent); every
+test runs with its own empty download cache and downloads forbidden unless it allows them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,27 @@ import pytest
 import torch
 
 from adderquant.data import load_cifar
+from adderquant.hub import (
+    BASE_URL_ENV,
+    CHECKSUMS_ENV,
+    DATA_ENV,
+    HOME_ENV,
+    MODELS_ENV,
+    OFFLINE_ENV,
+    SYSTEM_DATASETS,
+)
 from adderquant.models import create_model, load_pretrained
-from adderquant.paths import DATA_ENV, MODELS_ENV, SYSTEM_DATASETS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """A fresh ``$ADDERQUANT_HOME``, downloads off, no mirror or checksum overrides."""
+    monkeypatch.setenv(HOME_ENV, str(tmp_path_factory.mktemp("adderquant-home")))
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    monkeypatch.delenv(BASE_URL_ENV, raising=False)
+    monkeypatch.delenv(CHECKSUMS_ENV, raising=False)
 
 
 def _require(path: Path, what: str) -> Path:
