@@ -244,3 +244,14 @@ def test_environment_flags_are_read_as_booleans(monkeypatch) -> None:
         assert hub.offline()
     assert not hub.offline()
     assert os.environ[hub.OFFLINE_ENV] == ""
+
+
+
+def test_data_fetch_defaults_to_the_cache_and_the_mirror(
+    mirror: FileServer, user: Path, monkeypatch, capsys
+) -> None:
+    assert main(["data", "fetch", "cifar10", "--no-progress"]) == 0
+    assert f"ready in {user / 'data' / 'cifar-10-batches-py'}" in capsys.readouterr().out
+    assert mirror.requests == [(f"/{ARCHIVE}", None)]
+    monkeypatch.setenv(hub.OFFLINE_ENV, "1")
+    assert hub.dataset_root("cifar10") == user / "data" and len(mirror.requests) == 1

@@ -153,6 +153,13 @@ def checkpoint_path(record: ModelRecord, flag: str | os.PathLike | None = None) 
         raise NotAvailableError(f"checkpoint of {record.name}: {e}. Or {fix}") from e
 
 
+def dataset_mirror_url(name: str) -> str | None:
+    """The ``url`` of :func:`adderquant.data.fetch.fetch` under ``$ADDERQUANT_BASE_URL``, or
+    ``None`` (the official location) when it is not set."""
+    base = os.environ.get(BASE_URL_ENV)
+    return mirror_url(name, base) if base else None
+
+
 def _holds(root: Path, name: str) -> bool:
     """Whether ``root`` holds dataset ``name``: its folder or its archive (a folder of single
     files counts once one of them, compressed or not, is there and no download is unfinished)."""
@@ -187,8 +194,7 @@ def dataset_root(name: str, flag: str | os.PathLike | None = None) -> Path:
         raise DatasetNotAvailableError(
             f"{name} not found in {where}: put its folder {DATASET_FOLDERS[name]}/ in {cache}, "
             f"or pass --data DIR{package}")
-    base = os.environ.get(BASE_URL_ENV)
-    url = mirror_url(name, base) if base else None
+    url = dataset_mirror_url(name)
     checksums = checksum_overrides()
     files = planned_files(name, cache, url, checksums)
     fix = "; ".join(_by_hand(u, c, d) for u, d, c in files) + f", or pass --data DIR{package}"
