@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from adderquant.data.errors import DatasetNotFoundError
 from adderquant.data.fetch import SOURCES, fetch, mirror_url, planned_files
-from adderquant.download import DownloadError, download
+from adderquant.download import DownloadError, checksum_algorithm, download
 
 if TYPE_CHECKING:
     from adderquant.models.registry import ModelRecord
@@ -120,8 +120,7 @@ def checksum_overrides() -> dict[str, str]:
 
 
 def _by_hand(url: str, checksum: str, dest: Path) -> str:
-    algorithm = "sha256" if len(checksum) == 64 else "md5"
-    return f"download {url} ({algorithm} {checksum}) and put it at {dest}"
+    return f"download {url} ({checksum_algorithm(checksum)} {checksum}) and put it at {dest}"
 
 
 def checkpoint_path(record: ModelRecord, flag: str | os.PathLike | None = None) -> Path:
