@@ -1,5 +1,7 @@
 # Everything runs from a fresh clone: `make demo` (main job) and `make test` (fast suite).
+# `make demo ARGS="--bits 4 --limit 200"` passes extra arguments to `adderquant reproduce`.
 PYTHON ?= python3
+ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 KERNELS := $(wildcard src/adderquant/*/csrc/*.c src/adderquant/*/csrc/*.h)
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(KERNELS)
 	touch $@
 
 demo: install
-	$(VENV)/bin/adderquant reproduce
+	$(VENV)/bin/adderquant reproduce $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
