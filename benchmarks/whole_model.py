@@ -18,17 +18,12 @@ from collections.abc import Callable
 import torch
 
 from adderquant.data import load_dataset, normalize
-from adderquant.data.transforms import CIFAR10_MEAN, CIFAR10_STD
 from adderquant.engine import IntegerEngine, lower
-from adderquant.models import create_model, load_pretrained
-from adderquant.models.resnet_cnn import CifarConvResNet
-from adderquant.paths import models_root
+from adderquant.hub import checkpoint_path
+from adderquant.models import create_model, load_pretrained, model_record
 from adderquant.quant import PTQConfig, ptq
 from adderquant.quant.config import METHOD_DEFAULTS
 from adderquant.quant.ptq import CalibrationSet
-
-CNN_MEAN = (0.485, 0.456, 0.406)
-CNN_STD = (0.229, 0.224, 0.225)
 
 
 @torch.no_grad()
@@ -59,13 +54,11 @@ def main() -> None:
 
     images, labels = load_dataset("cifar10", None, train=False)
     images, labels = images[: args.images], labels[: args.images]
-    adder_x = normalize(images, CIFAR10_MEAN, CIFAR10_STD).split(args.batch_size)
-    cnn_x = normalize(images, CNN_MEAN, CNN_STD).split(args.batch_size)
-
-    adder = load_pretrained(create_model("resnet20", 10),
-                            models_root() / "resnet20-adder-cifar10.pth").eval()
-    cnn = load_pretrained(CifarConvResNet(20, 10),
-                          models_root() / "resnet20-cnn-cifar10.th").eval()
+    adder_rec, cnn_rec = model_record("resnet20"), model_record("resnet20-cnn")
+    adder_x = normalize(images, adder_rec.mean, adder_rec.std).split(args.batch_size)
+    cnn_x = normalize(images, cnn_rec.mean, cnn_rec.std).split(args.batch_size)
+    adder = load_pretrained(create_model("resnet20"), checkpoint_path(adder_rec)).eval()
+    cnn = load_pretrained(create_model("resnet20-cnn"), checkpoint_path(cnn_rec)).eval()
     cfg = PTQConfig(method=args.method, bits=args.bits,
                     **{**METHOD_DEFAULTS.get(args.method, {}), "calib_batches": 4})
     qmodel, _ = ptq(adder, CalibrationSet.from_config(cfg), cfg)

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adderquant.engine.requant import codes_from_float
+from adderquant.engine.sad import ConvGeometry
 from adderquant.nn import Adder2d
 from adderquant.ops.reference import adder2d_reference
 from adderquant.quant.calibrate import ActivationObserver
@@ -198,3 +200,19 @@ def test_integer_kernel_path_follows_changed_buffers() -> None:
         assert torch.allclose(q(x), before + 0.5, atol=1e-5)
         q.weight_codes.clamp_(max=0)
         assert torch.allclose(q(x).double(), integer_reference(q, x), rtol=1e-6, atol=1e-3)
+
+
+def test_integer_kernel_path_hands_nan_and_inf_inputs_to_the_definition() -> None:
+    _, q, x = make_layer([0, 1, 0, 1], [0.1, 0.2], bits=4)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    with torch.no_grad():
+        y = q(x)
+        q.integer_kernel = False  # the float adder kernel on dequantized values
+        expected = q(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y).any()
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(y), finite)
+    assert torch.allclose(y[finite], expected[finite], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        codes_from_float(x, q.scale, q.zero_point, 4, ConvGeometry((3, 3), (1, 1), (1, 1)))

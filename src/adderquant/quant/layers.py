@@ -175,15 +175,21 @@ class QuantAdder2d(nn.Module):
             return False
         return self._sad_plan().zero_points_are_codes
 
-    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``−Δ·Σ|q_x − r·q_w|`` + biases: the input's codes on every grid in one pass, one
-        SAD kernel call per grid, and the int32 sums scaled to float32 in one pass."""
+        SAD kernel call per grid, and the int32 sums scaled to float32 in one pass; ``None``
+        when ``x`` holds NaN or infinite values, which have no code."""
+        from adderquant.engine._kernel import NonFiniteInputError
         from adderquant.engine.requant import codes_from_float, sums_to_float
         from adderquant.engine.sad import sad_conv2d_packed
 
         plan = self._sad_plan()
         n, c, h, w = x.shape
-        packed = codes_from_float(x, plan.scales, plan.zero_points, self.bits, plan.geometry)
+        try:
+            packed = codes_from_float(x, plan.scales, plan.zero_points, self.bits,
+                                      plan.geometry)
+        except NonFiniteInputError:
+            return None
         sums = torch.empty(n, len(self.group), *plan.geometry.output_size(h, w),
                            dtype=torch.int32)
         for g, (weights, channels) in enumerate(zip(plan.weights, plan.channels, strict=True)):
@@ -193,7 +199,9 @@ class QuantAdder2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_integer_kernel(x):
-            return self._integer_forward(x)
+            y = self._integer_forward(x)
+            if y is not None:
+                return y  # else NaN/inf inputs: the float path follows the definition
         w_hat = self.dequantized_weight()
         scales, zero_points, label = self._grids()
         g, c_out = len(scales), w_hat.shape[0]
