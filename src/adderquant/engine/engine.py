@@ -44,13 +44,16 @@ class Codes:
 
 @dataclass
 class _AdderLayer:
-    """One layer's SAD operands, split by group: filters, output channels, padding code."""
+    """One layer's SAD operands, split by grid (groups with the same step and zero point share
+    one grid, so their input codes are produced and read once): filters, output channels,
+    padding code, and the first group on each grid."""
 
     weights: list[torch.Tensor]
     channels: list[torch.Tensor]
     pad_codes: list[int]
     geometry: ConvGeometry
     out_channels: int
+    grid_groups: torch.Tensor
 
 
 class IntegerEngine:
@@ -66,6 +69,7 @@ class IntegerEngine:
         self.chunk = chunk
         self.frac_bits = int(self.graph["fixed_frac_bits"])
         self.adders = {name: self._adder_layer(name) for name in self.graph["layers"]}
+        self._grid_rows: dict[str, torch.Tensor] = {}
         ops = self.graph["ops"]
         self.first = next(i for i, op in enumerate(ops) if op["op"] not in FLOAT_OPS)
         self.last = max(i for i, op in enumerate(ops) if op["op"] not in FLOAT_OPS) + 1
@@ -80,17 +84,31 @@ class IntegerEngine:
     def _adder_layer(self, name: str) -> _AdderLayer:
         lay = self.graph["layers"][name]
         codes = self.t[f"{name}.weight_codes"]
-        group = self.t[f"{name}.group"]
-        channels = [torch.nonzero(group == g).flatten().to(torch.int32)
-                    for g in range(lay["groups"])]
+        zero = self.t[f"{name}.zero_point"]
+        pairs = torch.stack([self.t[f"{name}.scale"].double(), zero.double()], dim=1)
+        _, grid_of_group = torch.unique(pairs, dim=0, return_inverse=True)
+        grids = int(grid_of_group.max()) + 1
+        first = torch.tensor([int(torch.nonzero(grid_of_group == j)[0]) for j in range(grids)])
+        grid_of_channel = grid_of_group[self.t[f"{name}.group"].long()]
+        channels = [torch.nonzero(grid_of_channel == j).flatten().to(torch.int32)
+                    for j in range(grids)]
         return _AdderLayer(
             weights=[codes[c.long()].contiguous() for c in channels],
             channels=channels,
-            pad_codes=[int(z) for z in self.t[f"{name}.zero_point"]],
+            pad_codes=[int(zero[g]) for g in first],
             geometry=ConvGeometry(tuple(lay["kernel"]), tuple(lay["stride"]),
                                   tuple(lay["padding"])),
             out_channels=lay["out_channels"],
+            grid_groups=first,
         )
+
+    def _per_grid(self, key: str, layer: str) -> torch.Tensor:
+        """The rows of the per-group tensor ``key`` for the grids of ``layer`` (cached)."""
+        cached = self._grid_rows.get(key)
+        if cached is None:
+            cached = self.t[key][self.adders[layer].grid_groups].contiguous()
+            self._grid_rows[key] = cached
+        return cached
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,7 +174,8 @@ class IntegerEngine:
 
     def _float_to_codes(self, op: dict, x: torch.Tensor, threads: int | None) -> Codes:
         name = op["to"]
-        packed = codes_from_float(x, self.t[f"{name}.scale"], self.t[f"{name}.zero_point"],
+        packed = codes_from_float(x, self._per_grid(f"{name}.scale", name),
+                                  self._per_grid(f"{name}.zero_point", name),
                                   self.graph["layers"][name]["bits"], self.adders[name].geometry,
                                   threads)
         return Codes(packed, tuple(x.shape[1:]))
@@ -165,20 +184,26 @@ class IntegerEngine:
         return float_to_stream(x, self.frac_bits, threads)
 
     def _requant_params(self, op: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Multipliers, offsets and shifts: per channel, or per grid of the consumer and
+        channel for ops that produce codes."""
         p = op["params"]
-        return self.t[f"{p}.multiplier"], self.t[f"{p}.offset"], self.t[f"{p}.shift"]
+        keys = (f"{p}.multiplier", f"{p}.offset", f"{p}.shift")
+        if "to" in op:
+            return tuple(self._per_grid(k, op["to"]) for k in keys)
+        return tuple(self.t[k] for k in keys)
 
     def _fixed_to_codes(self, op: dict, x: torch.Tensor, threads: int | None) -> Codes:
         name = op["to"]
-        packed = codes_from_stream(x, self.t[f"{op['params']}.divisor"],
-                                   self.t[f"{name}.zero_point"],
+        packed = codes_from_stream(x, self._per_grid(f"{op['params']}.divisor", name),
+                                   self._per_grid(f"{name}.zero_point", name),
                                    self.graph["layers"][name]["bits"],
                                    self.adders[name].geometry, threads)
         return Codes(packed, tuple(x.shape[1:]))
 
     def _sums_to_codes(self, op: dict, sums: torch.Tensor, threads: int | None) -> Codes:
         name = op["to"]
-        packed = codes_from_sums(sums, *self._requant_params(op), self.t[f"{name}.zero_point"],
+        packed = codes_from_sums(sums, *self._requant_params(op),
+                                 self._per_grid(f"{name}.zero_point", name),
                                  self.graph["layers"][name]["bits"], bool(op["relu"]),
                                  self.adders[name].geometry, threads)
         return Codes(packed, tuple(sums.shape[1:]))
