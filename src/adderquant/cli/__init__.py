@@ -24,16 +24,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    """Run one command: parse, validate every argument, then work. User errors exit 2 with one
+    line; Ctrl-C (even while starting) exits 130 with one line, leaving no file half written."""
     try:
-        return int(args.func(args) or 0)
+        argv = sys.argv[1:] if argv is None else argv
+        command = argv[0] if argv and argv[0] in COMMANDS else None
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        from adderquant.cli.validate import validate_args
+
+        try:
+            validate_args(args)
+            return int(args.func(args) or 0)
+        except (FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
+            print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
+        print("adderquant: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
-        print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
