@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
@@ -40,8 +41,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
-        print("adderquant: interrupted", file=sys.stderr)
+        _say_interrupted()
         return 130
+
+
+def _say_interrupted() -> None:
+    """Print the one line of an interrupted command, ignoring a second Ctrl-C meanwhile."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = None
+    print("adderquant: interrupted", file=sys.stderr)
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
