@@ -80,8 +80,8 @@ def train(
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"training diverged: the loss became {float(loss.detach())} at epoch {epoch + 1}, "
-                    f"step {step + 1} (base learning rate {cfg.lr}); lower --lr")
+                    f"training diverged: the loss became {float(loss.detach())} at epoch "
+                    f"{epoch + 1}, step {step + 1} (base learning rate {cfg.lr}); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

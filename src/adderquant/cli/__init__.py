@@ -27,6 +27,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command: parse, validate every argument, then work. User errors exit 2 with one
     line; Ctrl-C (even while starting) exits 130 with one line, leaving no file half written."""
+    argv_given = argv is not None
     try:
         argv = sys.argv[1:] if argv is None else argv
         command = argv[0] if argv and argv[0] in COMMANDS else None
@@ -41,20 +42,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
-        _say_interrupted()
+        _say_interrupted(restore=argv_given)
         return 130
 
 
-def _say_interrupted() -> None:
-    """Print the one line of an interrupted command, ignoring a second Ctrl-C meanwhile."""
+def _say_interrupted(restore: bool) -> None:
+    """Print the one line of an interrupted command, ignoring further Ctrl-C meanwhile, and
+    for the rest of the process when it runs as the program (``restore`` false)."""
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: signals are not ours to handle
         previous = None
     print("adderquant: interrupted", file=sys.stderr)
-    if previous is not None:
+    if restore and previous is not None:
         signal.signal(signal.SIGINT, previous)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ from torch import nn
 
 from adderquant._io import write_bytes_atomic
 from adderquant.models import create_model
-from adderquant.models.checkpoint import load_tensors_only, state_mismatch
+from adderquant.models.checkpoint import CheckpointError, load_tensors_only, state_mismatch
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
 
@@ -56,7 +56,10 @@ def read_quantized(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no quantized model at {path}; create one with adderquant ptq")
-    payload = load_tensors_only(path, "quantized model")
+    try:
+        payload = load_tensors_only(path, "quantized model")
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an adderquant quantized model (format {FORMAT!r})")
     if payload.get("version") != VERSION:
