@@ -38,14 +38,16 @@ def load_tensors_only(path: Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"cannot read {what} {path}: {e} (a truncated or "
-                                  "non-PyTorch file?)") from None
-        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        lines = [line.strip() for line in str(e).splitlines()]
+        found = next((line for line in lines if "GLOBAL" in line), None)
+        if found is None:  # not an object the safe unpickler refused: a damaged file
+            detail = next((line for line in lines if line.startswith("Unsupported")), "")
+            raise CheckpointError(f"cannot read {what} {path}: {detail or 'not a pickle'} (a "
+                                  "truncated or non-PyTorch file?)") from None
         raise CheckpointError(
             f"refusing to load {what} {path}: besides tensors it holds Python objects, whose "
-            f"loading could run code ({found or 'unsupported object'}); use a file of tensors "
-            "saved by adderquant or torch.save(model.state_dict())") from None
+            f"loading could run code ({found}); use a file of tensors saved by adderquant or "
+            "torch.save(model.state_dict())") from None
     except Exception as e:  # malformed files fail in many ways (zip, pickle, struct, key...)
         first_line = next(iter(str(e).splitlines()), "")
         raise CheckpointError(
@@ -54,14 +56,14 @@ def load_tensors_only(path: Path, what: str) -> object:
         ) from None
 
 
-def state_mismatch(own: dict, state: dict) -> list[str]:
-    """Lines describing how ``state`` fails to fit a model whose state dict is ``own``: missing
-    keys (BatchNorm batch counters excepted), unexpected keys and shape mismatches, each list
-    cut short; empty if it fits."""
+def state_mismatch(own: dict, state: dict, source: str = "file") -> list[str]:
+    """Lines describing how ``state`` (from ``source``) fails to fit a model whose state dict is
+    ``own``: missing keys (BatchNorm batch counters excepted), unexpected keys and shape
+    mismatches, each list cut short; empty if it fits."""
     missing = sorted(k for k in set(own) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in state and isinstance(state[k], torch.Tensor) and isinstance(own[k], torch.Tensor)
         and state[k].shape != own[k].shape
@@ -83,7 +85,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     own = model.state_dict()
     # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm batch counters; they only matter
     # for momentum=None training, so the model's own (zero) counters stand in for them.
-    problems = state_mismatch(own, state)
+    problems = state_mismatch(own, state, "checkpoint")
     if problems:
         raise CheckpointError("\n".join(
             [f"checkpoint {path} does not fit {model.__class__.__name__}:", *problems,
