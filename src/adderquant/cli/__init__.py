@@ -24,6 +24,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _build_parser_uninterrupted(command: str | None) -> argparse.ArgumentParser:
+    """:func:`build_parser`, with Ctrl-C held back until its imports are done (a library
+    interrupted in the middle of its import can fail later in odd ways), then raised."""
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        return build_parser(command)
+    try:
+        parser = build_parser(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command: parse, validate every argument, then work. User errors exit 2 with one
     line; Ctrl-C (even while starting) exits 130 with one line, leaving no file half written."""
@@ -31,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else argv
         command = argv[0] if argv and argv[0] in COMMANDS else None
-        parser = build_parser(command)
+        parser = _build_parser_uninterrupted(command)
         args = parser.parse_args(argv)
         from adderquant.cli.validate import validate_args
 
