@@ -115,7 +115,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _holder(lock: Path) -> int | None:
-    """The live process id recorded in ``lock``, or ``None`` if that process is gone."""
+    """The live process id recorded in ``lock``; -1 if the file cannot be read (held by an
+    unknown writer); ``None`` if the recorded process is gone (a stale lock)."""
     try:
         pid = int(lock.read_text().strip() or 0)
     except (OSError, ValueError):
