@@ -1,5 +1,8 @@
 # Everything runs from a fresh clone: `make demo` (main job) and `make test` (fast suite).
+# `make demo` scores the first 1,000 test images (the subset in ../shared, the same table with
+# the full CIFAR-10); `make demo ARGS="--bits 4"` passes more arguments to `adderquant reproduce`.
 PYTHON ?= python3
+ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 KERNELS := $(wildcard src/adderquant/*/csrc/*.c src/adderquant/*/csrc/*.h)
@@ -16,7 +19,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(KERNELS)
 	touch $@
 
 demo: install
-	$(VENV)/bin/adderquant reproduce
+	$(VENV)/bin/adderquant reproduce --limit 1000 $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

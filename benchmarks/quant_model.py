@@ -17,8 +17,8 @@ import time
 import torch
 
 from adderquant.data import TensorLoader, load_dataset
-from adderquant.models import create_model, load_pretrained
-from adderquant.paths import default_checkpoint
+from adderquant.hub import checkpoint_path
+from adderquant.models import create_model, load_pretrained, model_record
 from adderquant.quant import PTQConfig, ptq
 from adderquant.quant.config import METHOD_DEFAULTS
 from adderquant.quant.layers import QuantAdder2d
@@ -51,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_pretrained(create_model("resnet20", 10), default_checkpoint("resnet20")).eval()
+    checkpoint = checkpoint_path(model_record("resnet20"))
+    model = load_pretrained(create_model("resnet20", 10), checkpoint).eval()
     images, labels = load_dataset("cifar10", None, train=False)
     batches = list(TensorLoader(images[: args.images], labels[: args.images], "cifar10",
                                 batch_size=250))

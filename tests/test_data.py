@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from adderquant import paths
+from adderquant import hub
 from adderquant.data import (
     NORMALISATION,
     CorruptDatasetError,
@@ -27,6 +27,7 @@ from adderquant.data import (
     read_idx,
     safe_load,
 )
+from adderquant.data.fetch import SOURCES
 
 IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B,
              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
@@ -96,7 +97,7 @@ def test_fashion_mnist_normalisation_constants(fashion_mnist_dir: Path) -> None:
 def test_fashion_mnist_found_in_the_system_folder(
     fashion_mnist_dir: Path, no_path_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(paths, "_shared_candidates", lambda sub: [tmp_path / "shared" / sub])
+    monkeypatch.setenv(hub.NO_SHARED_ENV, "1")
     images, labels = load_dataset("fashion-mnist", train=False)
     assert images.shape == (10000, 1, 28, 28) and labels[:3].tolist() == [9, 2, 1]
 
@@ -174,16 +175,19 @@ def test_idx_dataset_search_order(
     flag, env, shared, system = (tmp_path / d for d in ("flag", "env", "shared", "system"))
     for root, n in ((flag, 5), (env, 7), (shared, 9), (system, 11)):
         write_idx_split(root / "fashion-mnist", *small_idx_split(n))
-    monkeypatch.setattr(paths, "SYSTEM_DATASETS", system)
-    monkeypatch.setattr(paths, "_shared_candidates", lambda sub: [shared])
-    monkeypatch.setenv(paths.DATA_ENV, str(env))
+    monkeypatch.setattr(hub, "SYSTEM_DATASETS", system)
+    monkeypatch.setattr(hub, "shared_dir", lambda sub: shared)
+    monkeypatch.setenv(hub.DATA_ENV, str(env))
     assert len(load_dataset("fashion-mnist", flag)[0]) == 5
     assert len(load_dataset("fashion-mnist", flag / "fashion-mnist")[0]) == 5
     assert len(load_dataset("fashion-mnist")[0]) == 7
-    monkeypatch.delenv(paths.DATA_ENV)
+    monkeypatch.delenv(hub.DATA_ENV)
     assert len(load_dataset("fashion-mnist")[0]) == 9
-    monkeypatch.setattr(paths, "_shared_candidates", lambda sub: [])
+    monkeypatch.setattr(hub, "shared_dir", lambda sub: None)
     assert len(load_dataset("fashion-mnist")[0]) == 11
+    monkeypatch.setattr(hub, "SYSTEM_DATASETS", tmp_path / "nowhere")
+    write_idx_split(hub.cache_dir() / "data" / "fashion-mnist", *small_idx_split(13))
+    assert len(load_dataset("fashion-mnist")[0]) == 13
     # An explicit folder is not silently replaced by another copy.
     with pytest.raises(DatasetNotFoundError):
         load_dataset("fashion-mnist", tmp_path / "empty")
@@ -192,26 +196,17 @@ def test_idx_dataset_search_order(
 def test_missing_idx_dataset_names_the_places_and_fixes(
     tmp_path: Path, no_path_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(paths, "SYSTEM_DATASETS", tmp_path / "system")
-    monkeypatch.setattr(paths, "_shared_candidates", lambda sub: [])
+    monkeypatch.setattr(hub, "SYSTEM_DATASETS", tmp_path / "system")
+    monkeypatch.setenv(hub.NO_SHARED_ENV, "1")
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("fashion-mnist", train=True)
     message = str(err.value)
-    assert "train-images-idx3-ubyte" in message and str(tmp_path / "system") in message
-    assert "adderquant data fetch fashion-mnist" in message
+    assert str(tmp_path / "system") in message and "downloads are off" in message
+    cache = hub.cache_dir() / "data" / "fashion-mnist"
+    for name, md5 in SOURCES["fashion-mnist"].files.items():
+        assert f"{SOURCES['fashion-mnist'].url}{name} (md5 {md5}) and put it at {cache / name}" in (
+            message)
     assert "apt-get install dataset-fashion-mnist" in message
-
-
-def test_data_root_prefers_flag_then_env_then_shared(
-    tmp_path: Path, no_path_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "shared" / "data").mkdir(parents=True)
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    assert paths.data_root() == tmp_path / "shared" / "data"
-    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path / "env"))
-    assert paths.data_root() == tmp_path / "env"
-    assert paths.data_root(tmp_path / "flag") == tmp_path / "flag"
 
 
 def test_unknown_dataset_lists_the_known_ones() -> None:

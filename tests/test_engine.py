@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,6 @@ from adderquant.engine.requant import (
 )
 from adderquant.engine.sad import ConvGeometry, pack
 from adderquant.models import create_model, load_pretrained
-from adderquant.paths import default_checkpoint
 from adderquant.quant import (
     CodeRange,
     QuantAdder2d,
@@ -31,10 +31,6 @@ from adderquant.quant import (
     replace_module,
 )
 from adderquant.quant.io import save_quantized
-
-CHECKPOINT = default_checkpoint("resnet20")
-needs_checkpoint = pytest.mark.skipif(
-    CHECKPOINT is None or not CHECKPOINT.is_file(), reason="released ResNet-20 checkpoint missing")
 
 
 def input_thresholds(model: torch.nn.Module, calib: torch.Tensor) -> dict[str, float]:
@@ -69,14 +65,14 @@ def quantize_resnet(
 
 
 @pytest.fixture(scope="module")
-def pretrained() -> torch.nn.Module:
-    return load_pretrained(create_model("resnet20"), CHECKPOINT).eval()
+def pretrained(released_checkpoint: Path) -> torch.nn.Module:
+    return load_pretrained(create_model("resnet20"), released_checkpoint).eval()
 
 
 @pytest.fixture(scope="module")
-def cifar() -> dict[str, torch.Tensor]:
-    train_x, train_y = load_dataset("cifar10", train=True)
-    test_x, test_y = load_dataset("cifar10", train=False)
+def cifar(shared_data_root: Path) -> dict[str, torch.Tensor]:
+    train_x, train_y = load_dataset("cifar10", shared_data_root, train=True)
+    test_x, test_y = load_dataset("cifar10", shared_data_root, train=False)
     calib, _ = next(iter(TensorLoader(train_x[:128], train_y[:128], "cifar10", 128)))
     test, labels = next(iter(TensorLoader(test_x[:32], test_y[:32], "cifar10", 32)))
     return {"calib": calib, "test": test, "labels": labels}
@@ -170,7 +166,6 @@ def fakequant64(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return copy.deepcopy(model).double()(x.double())
 
 
-@needs_checkpoint
 @pytest.mark.parametrize("bits,ratio,zero", [(8, 1, 0), (4, 1, 0), (4, 2, 0), (6, 1, 3)])
 def test_engine_matches_exact_fakequant(pretrained, cifar, thresholds, bits, ratio, zero):
     model = quantize_resnet(pretrained, thresholds, bits, weight_ratio=ratio, zero_point=zero)
@@ -183,7 +178,6 @@ def test_engine_matches_exact_fakequant(pretrained, cifar, thresholds, bits, rat
     assert float((got.double() - want).abs().mean()) < 0.02
 
 
-@needs_checkpoint
 def test_single_group_and_per_channel_groups(pretrained, cifar, thresholds):
     for groups in (1, 16):
         model = quantize_resnet(pretrained, thresholds, 5, groups=groups)
@@ -201,7 +195,6 @@ def test_engine_rejects_wrong_input_shape():
 
 
 @pytest.mark.slow
-@needs_checkpoint
 @pytest.mark.parametrize("bits", [8, 4])
 def test_agreement_on_11000_images(pretrained, bits, tmp_path):
     """Top-1 of the integer engine equals the exact fake-quant model's on >= 99.9 % of the 1,000
@@ -226,7 +219,6 @@ def test_agreement_on_11000_images(pretrained, bits, tmp_path):
 
 
 @pytest.mark.slow
-@needs_checkpoint
 def test_infer_int_is_faster_than_float(pretrained, thresholds, tmp_path, capsys):
     """End to end on the 1,000 test images, one thread each: the integer engine needs less CPU
     time than the float model (CPU time, so that other processes on the machine do not decide

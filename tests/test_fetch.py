@@ -7,13 +7,9 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import socket
 import struct
 import tarfile
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,69 +19,10 @@ from adderquant.cli import main
 from adderquant.data import fetch as fetch_module
 from adderquant.data import load_cifar, load_dataset
 from adderquant.data.fetch import ChecksumError, DownloadError, FetchError, Source, fetch
+from conftest import FileServer
 
 ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-
-
-class FileServer:
-    """Serves ``files`` over HTTP on 127.0.0.1 with byte ranges (``Range: bytes=N-``).
-
-    ``drops`` responses are cut off after ``drop_at`` bytes; ``honour_range=False`` answers
-    every request with the whole file; ``requests`` records ``(path, Range header)``.
-    """
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.drops = 0
-        self.drop_at = 0
-        self.honour_range = True
-        self.requests: list[tuple[str, str | None]] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                range_header = self.headers.get("Range")
-                state.requests.append((self.path, range_header))
-                body = state.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                if range_header and state.honour_range:
-                    start = int(re.fullmatch(r"bytes=(\d+)-", range_header).group(1))
-                    if start >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                payload = body[start:]
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if state.drops:
-                    state.drops -= 1
-                    payload = payload[: state.drop_at]
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        return Handler
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +45,8 @@ def small_cifar(cifar10_dir: Path) -> tuple[bytes, dict[str, np.ndarray]]:
 
 
 @pytest.fixture
-def server(small_cifar) -> Iterator[FileServer]:
-    srv = FileServer({ARCHIVE: small_cifar[0]})
-    thread = threading.Thread(target=srv.httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-    thread.join()
+def server(small_cifar, file_server) -> FileServer:
+    return file_server({ARCHIVE: small_cifar[0]})
 
 
 def md5(data: bytes) -> str:
@@ -233,7 +164,7 @@ def test_progress_bar_is_shown(server: FileServer, small_cifar, tmp_path, capsys
     assert ARCHIVE in err and "100%" in err
 
 
-def test_fashion_mnist_fetch(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+def test_fashion_mnist_fetch(fashion_mnist_dir: Path, tmp_path: Path, file_server) -> None:
     files, expected = {}, {}
     for prefix in ("train", "t10k"):
         raw = gzip.decompress((fashion_mnist_dir / f"{prefix}-images-idx3-ubyte.gz").read_bytes())
@@ -245,16 +176,9 @@ def test_fashion_mnist_fetch(fashion_mnist_dir: Path, tmp_path: Path) -> None:
         files[f"mirror/{prefix}-labels-idx1-ubyte.gz"] = gzip.compress(
             struct.pack(">2I", 2049, 50) + labels.tobytes())
         expected[prefix == "train"] = images, labels
-    srv = FileServer(files)
-    thread = threading.Thread(target=srv.httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        folder = fetch("fashion-mnist", tmp_path, url=f"{srv.url}/mirror/", progress=False,
-                       checksums={k.removeprefix("mirror/"): md5(v) for k, v in files.items()})
-    finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-        thread.join()
+    srv = file_server(files)
+    folder = fetch("fashion-mnist", tmp_path, url=f"{srv.url}/mirror/", progress=False,
+                   checksums={k.removeprefix("mirror/"): md5(v) for k, v in files.items()})
     assert folder == tmp_path / "fashion-mnist"
     assert sorted(os.listdir(folder)) == sorted(k.removeprefix("mirror/") for k in files)
     for train in (False, True):

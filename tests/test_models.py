@@ -1,30 +1,37 @@
-"""Model zoo, the released checkpoint and checkpoint errors."""
+"""Model zoo, its pretrained records, the released checkpoints and checkpoint errors."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from adderquant import paths
 from adderquant.data import NORMALISATION, normalize
+from adderquant.download import file_digest
 from adderquant.models import (
     MODEL_NAMES,
+    RECORDS,
     CheckpointError,
     create_model,
     load_pretrained,
+    model_record,
     read_state_dict,
 )
 from adderquant.models.resnet_cifar import CifarResNet
+from adderquant.nn import Adder2d
 
 INPUTS = {  # (input shape, default number of classes)
     "resnet20": ((1, 3, 32, 32), 10),
     "resnet32": ((1, 3, 32, 32), 10),
     "resnet56": ((1, 3, 32, 32), 10),
+    "resnet20-cnn": ((1, 3, 32, 32), 10),
     "resnet18": ((1, 3, 64, 64), 1000),
     "resnet50": ((1, 3, 64, 64), 1000),
     "lenet5": ((2, 1, 28, 28), 10),
@@ -187,25 +194,41 @@ def test_missing_checkpoint_gives_the_fix(tmp_path: Path) -> None:
         load_pretrained(create_model("resnet20"), tmp_path / "nope.pth")
 
 
-def test_models_root_prefers_flag_then_env_then_shared(
-    tmp_path: Path, no_path_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "shared" / "models").mkdir(parents=True)
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    assert paths.models_root() == tmp_path / "shared" / "models"
-    assert paths.default_checkpoint("resnet20") == (
-        tmp_path / "shared" / "models" / "resnet20-adder-cifar10.pth")
-    monkeypatch.setenv(paths.MODELS_ENV, str(tmp_path / "env"))
-    assert paths.models_root() == tmp_path / "env"
-    assert paths.default_checkpoint("resnet20") == tmp_path / "env" / "resnet20-adder-cifar10.pth"
-    assert paths.models_root(tmp_path / "flag") == tmp_path / "flag"
-    assert paths.default_checkpoint("resnet56") is None
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_record_describes_its_model(name: str) -> None:
+    """Classes and input size give an output of that many classes; the full-precision patterns
+    match exactly the ordinary convolutions and linear layers, never an adder layer."""
+    record = model_record(name)
+    model = create_model(name).eval()
+    size = (3, 64, 64) if record.dataset == "imagenet" else record.input_size  # keep it quick
+    with torch.no_grad():
+        assert model(torch.zeros(1, *size)).shape == (1, record.num_classes)
+    assert len(record.mean) == len(record.std) == record.input_size[0]
+    weights = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    adders = {n for n, m in model.named_modules() if isinstance(m, Adder2d)}
+    assert {n for n in weights if record.stays_full_precision(n)} == set(weights)
+    assert not any(record.stays_full_precision(n) for n in adders)
+    assert record.adder == bool(adders)
+    for pattern in record.full_precision:
+        assert any(fnmatchcase(n, pattern) for n in weights), pattern
 
 
-def test_default_checkpoint_is_the_shared_one(
-    released_checkpoint: Path, no_path_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path
-) -> None:
-    monkeypatch.chdir(tmp_path)  # found relative to the package, wherever the command runs
-    assert paths.default_checkpoint("resnet20").resolve() == released_checkpoint.resolve()
+def test_records_name_their_checkpoint_origin() -> None:
+    released = [r for r in RECORDS.values() if r.pretrained]
+    assert [r.name for r in released] == ["resnet20", "resnet20-cnn"]
+    for r in released:
+        assert r.url.startswith("https://github.com/") and len(r.sha256) == 64
+        assert re.search(r"/raw/[0-9a-f]{40}/", r.url), "the URL pins a commit"
+        assert r.origin and r.licence
+    assert model_record("ResNet-20") is RECORDS["resnet20"]
+    assert RECORDS["resnet20"].as_dict()["input_size"] == [3, 32, 32]
 
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20-cnn"])
+def test_shared_checkpoints_match_their_records(name: str) -> None:
+    record = model_record(name)
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "models" / record.file
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    assert file_digest(path) == record.sha256
+    load_pretrained(create_model(name), path)  # every key fits the architecture

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adderquant.engine.requant import codes_from_float
+from adderquant.engine.sad import ConvGeometry
 from adderquant.nn import Adder2d
 from adderquant.ops.reference import adder2d_reference
 from adderquant.quant.calibrate import ActivationObserver
@@ -168,8 +170,8 @@ def test_integer_kernel_path_is_exact_on_same_grid_codes(bits: int, stride: int)
     zero = torch.tensor([0, 3, 1], dtype=torch.int32)
     q = QuantAdder2d.from_float(layer, group, scale, zero, CodeRange.same_grid(bits))
     x = torch.randn(3, 5, 9, 9, generator=g) * 3  # negative inputs meet the zero points
-    assert q.code_offset() == 0
     with torch.no_grad():
+        assert q._uses_integer_kernel(x)
         y_int = q(x)
     ref = same_grid_reference(q, x)
     assert torch.allclose(y_int.double(), ref, rtol=1e-6, atol=1e-4)
@@ -179,12 +181,38 @@ def test_integer_kernel_path_is_exact_on_same_grid_codes(bits: int, stride: int)
     assert torch.allclose(y_float.detach().double(), ref, rtol=1e-5, atol=1e-3)
 
 
-def test_integer_kernel_path_offsets_paper_codes_and_falls_back_at_8_bits() -> None:
-    _, q, x = make_layer([0, 1, 0, 1, 1, 0], [0.1, 0.2], bits=7)
-    assert q.code_offset() == 2**7  # |q_x − 2·q_w| with 2·q_w ≥ −2^b: both shifted by 2^b
+def test_integer_kernel_path_covers_paper_codes_up_to_8_bits() -> None:
+    # signed weights: 2·q_w reaches −2^b and 2^b − 2, beyond the activation codes [0, 2^b − 1];
+    # the clamped part of every weight is added back to its channel's sum
+    for bits, steps in ((7, [0.1, 0.2]), (8, [0.01, 0.02])):
+        _, q, x = make_layer([0, 1, 0, 1, 1, 0], steps, bits=bits)
+        assert int((2 * q.weight_codes).min()) < 0  # some weights lie below the codes
+        with torch.no_grad():
+            assert q._uses_integer_kernel(x)
+            assert torch.allclose(q(x).double(), integer_reference(q, x), rtol=1e-6, atol=1e-3)
+
+
+def test_integer_kernel_path_follows_changed_buffers() -> None:
+    _, q, x = make_layer([0, 1, 0, 1], [0.1, 0.2], bits=4)
     with torch.no_grad():
-        assert torch.allclose(q(x).double(), integer_reference(q, x), rtol=1e-6, atol=1e-4)
-    _, q8, x8 = make_layer([0, 1, 0, 1], [0.01, 0.02], bits=8)
-    assert q8.code_offset() is None  # 2^9 − 1 does not fit a byte: the float kernel runs
+        before = q(x)
+        q.bias += 0.5  # bias correction edits buffers in place
+        assert torch.allclose(q(x), before + 0.5, atol=1e-5)
+        q.weight_codes.clamp_(max=0)
+        assert torch.allclose(q(x).double(), integer_reference(q, x), rtol=1e-6, atol=1e-3)
+
+
+def test_integer_kernel_path_hands_nan_and_inf_inputs_to_the_definition() -> None:
+    _, q, x = make_layer([0, 1, 0, 1], [0.1, 0.2], bits=4)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
     with torch.no_grad():
-        assert torch.allclose(q8(x8).double(), integer_reference(q8, x8), rtol=1e-6, atol=1e-3)
+        y = q(x)
+        q.integer_kernel = False  # the float adder kernel on dequantized values
+        expected = q(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y).any()
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(y), finite)
+    assert torch.allclose(y[finite], expected[finite], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        codes_from_float(x, q.scale, q.zero_point, 4, ConvGeometry((3, 3), (1, 1), (1, 1)))

@@ -139,3 +139,26 @@ def test_config_from_file_preset_and_flags(tmp_path) -> None:
         PTQConfig.from_file(tmp_path / "bad.yaml")
     with pytest.raises(SystemExit):
         parser.parse_args(["--act-clip", "median"])
+
+
+def test_skipping_negligible_bn_batches_changes_statistics_by_at_most_their_weight() -> None:
+    # the bound of negligible_batches: the skipped batches and the initial value weigh (1 − m)^n
+    from adderquant.quant.bn import negligible_batches
+
+    assert negligible_batches(202, 0.1, 1e-3) == 202 - 66  # 0.9^66 < 1e-3 <= 0.9^65
+    assert negligible_batches(50, 0.1, 1e-4) == 0
+    assert negligible_batches(202, None, 1e-4) == 0
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g) * (1 + i / 10), None) for i in range(40)]
+    full, skipped, head = (create_model("resnet20") for _ in range(3))
+    skipped.load_state_dict(full.state_dict())
+    head.load_state_dict(full.state_dict())
+    reestimate_bn(full, batches, momentum=0.5)
+    assert reestimate_bn(skipped, batches, momentum=0.5, negligible_weight=1e-3) == 10
+    reestimate_bn(head, batches[:30], momentum=0.5)  # r_j: the statistics the skip leaves out
+    for name, a in full.state_dict().items():
+        if "running" in name:
+            r0 = torch.zeros_like(a) if "mean" in name else torch.ones_like(a)
+            change = 0.5**10 * (head.state_dict()[name] - r0)  # (1 − m)^n·(r_j − r_0)
+            assert torch.allclose(skipped.state_dict()[name], a - change, rtol=1e-5, atol=1e-6)
+            assert torch.all(change.abs() <= 1e-3 * (head.state_dict()[name] - r0).abs())

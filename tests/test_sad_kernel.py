@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adderquant.engine.requant import sums_to_float
 from adderquant.engine.sad import (
     PATHS,
     ConvGeometry,
@@ -148,3 +149,16 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="out_index"):
         sad_conv2d(x, w, out=torch.zeros(1, 3, 3, 3, dtype=torch.int32),
                    out_index=torch.tensor([0, 3]))
+
+
+def test_sums_to_float_matches_pytorch_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(3)
+    sums = torch.randint(0, 150_000, (3, 5, 7, 9), dtype=torch.int32, generator=g)
+    excess = torch.randint(0, 2_000, (5,), dtype=torch.int32, generator=g)
+    step = -torch.rand(5, generator=g) * 0.1
+    bias = torch.randn(5, generator=g)
+    expected = ((sums + excess.view(1, -1, 1, 1)).float() * step.view(1, -1, 1, 1)
+                + bias.view(1, -1, 1, 1))
+    assert torch.equal(sums_to_float(sums, excess, step, bias), expected)
+    with pytest.raises(ValueError, match="shape"):
+        sums_to_float(sums, excess[:4], step, bias)

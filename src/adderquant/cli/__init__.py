@@ -7,8 +7,13 @@ import importlib
 import signal
 import sys
 
+from adderquant.hub import OFFLINE_ENV, settings
+
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
-COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze")
+COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze",
+            "models")
+# Commands that may look up (and download) a checkpoint or a dataset.
+RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -21,6 +26,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"adderquant.cli.{name}_cmd").register(sub)
+        if name in RESOLVING:
+            sub.choices[name].add_argument(
+                "--offline", action="store_true",
+                help=f"never download: use only local files (also {OFFLINE_ENV}=1)")
     return parser
 
 
@@ -54,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             validate_args(args)
-            return int(args.func(args) or 0)
+            with settings(offline=getattr(args, "offline", False),
+                          progress=not getattr(args, "no_progress", False)):
+                return int(args.func(args) or 0)
         except (FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
             print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
             return 2

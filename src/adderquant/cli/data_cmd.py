@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from adderquant import hub
 from adderquant.data.fetch import SOURCES, fetch
 
 
@@ -17,17 +18,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "verify the md5, then unpack; the result is used with --data DIR.",
     )
     f.add_argument("name", choices=tuple(SOURCES), help="dataset")
-    f.add_argument("--to", required=True, metavar="DIR", help="folder to put the dataset in")
+    f.add_argument("--to", default=None, metavar="DIR",
+                   help="folder to put the dataset in (default: the cache, "
+                   "$ADDERQUANT_HOME/data, where every command finds it)")
     f.add_argument(
         "--url", default=None,
         help="mirror: the archive's URL (CIFAR) or the folder URL holding the four .gz files "
-        "(Fashion-MNIST); the official md5s still apply",
+        "(Fashion-MNIST); default: the official one, or under $ADDERQUANT_BASE_URL. The "
+        "official md5s apply unless $ADDERQUANT_CHECKSUMS declares others",
     )
     f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     f.set_defaults(func=run_fetch, output_dirs={"to": ()})
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    folder = fetch(args.name, args.to, url=args.url, progress=not args.no_progress)
-    print(f"{args.name} ready in {folder} (use --data {args.to})")
+    to = args.to or hub.cache_dir() / "data"
+    folder = fetch(args.name, to, url=args.url or hub.dataset_mirror_url(args.name),
+                   checksums=hub.checksum_overrides(), progress=not args.no_progress)
+    print(f"{args.name} ready in {folder}" + (f" (use --data {to})" if args.to else ""))
     return 0

@@ -19,15 +19,12 @@ from adderquant.engine.energy import (
     quantized_twin,
     summarize,
 )
-from adderquant.models import MODEL_NAMES, create_model
-
-INPUT_SHAPES = {"resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32),
-                "resnet18": (3, 224, 224), "resnet50": (3, 224, 224), "lenet5": (1, 28, 28)}
+from adderquant.models import ADDER_MODELS, create_model, model_record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("energy", help="operation counts and energy per image (45 nm table)")
-    p.add_argument("--model", default="resnet20", choices=MODEL_NAMES, help="architecture")
+    p.add_argument("--model", default="resnet20", choices=ADDER_MODELS, help="architecture")
     p.add_argument("--bits", type=parse_bits, default="8,6,5,4,3,2",
                    help="comma-separated bit widths of the quantized AdderNets")
     p.add_argument("--groups", type=positive_int, default=4,
@@ -81,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.results and plot is None:
         plot = Path(args.results).with_name("energy_accuracy.png")
         check_output_file(plot)
-    shape = (1, *INPUT_SHAPES[args.model])
+    shape = (1, *model_record(args.model).input_size)
     rows = {name: summarize(count_ops(m, shape), table)
             for name, m in model_variants(args.model, args.bits, args.groups).items()}
     report = {"model": args.model, "groups": args.groups, "table_pj": table.entries,

@@ -11,7 +11,7 @@ from adderquant.evaluate import evaluate
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on its test set")
-    add_model_args(p)
+    add_model_args(p, adder_only=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 from adderquant.cli.validate import int_in
+from adderquant.data import DATASET_CLASSES
 from adderquant.engine.export import FRAC_BITS, lower
 from adderquant.engine.package import FRAC_BITS_RANGE, PACKAGE_FILES, save_package
+from adderquant.models import model_record
 from adderquant.quant.io import load_quantized
 
 
@@ -18,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
                    help=f"package directory ({', '.join(PACKAGE_FILES)})")
     p.add_argument("--dataset", default=None,
-                   help="dataset the model classifies (default: cifar10, or cifar100 for "
-                        "100 classes)")
+                   help="dataset the model classifies (default: the one it was quantized on, "
+                        "else its architecture's)")
     p.add_argument("--frac-bits", type=int_in(*FRAC_BITS_RANGE), default=FRAC_BITS,
                    help="fractional bits F of the int64 residual streams (values up to "
                         "±2^(51-F) are exact)")
@@ -29,7 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, payload = load_quantized(args.model)
-    dataset = args.dataset or ("cifar100" if payload["num_classes"] == 100 else "cifar10")
+    dataset = (args.dataset or payload.get("report", {}).get("dataset")
+               or model_record(payload["model"]).dataset)
+    if DATASET_CLASSES.get(dataset) != payload["num_classes"]:
+        raise ValueError(f"{args.model} ({payload['model']}) has {payload['num_classes']} "
+                         f"classes, {dataset} has {DATASET_CLASSES.get(dataset, 'unknown')}; "
+                         "pass --dataset NAME")
     package = lower(model, payload["model"], dataset, args.frac_bits)
     out = save_package(package, args.out)
     layers = package.graph["layers"]

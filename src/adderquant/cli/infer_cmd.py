@@ -11,14 +11,13 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from adderquant.cli.common import MODEL_DATASET
 from adderquant.cli.validate import positive_int, thread_count
 from adderquant.data import TensorLoader, load_dataset
 from adderquant.engine.engine import IntegerEngine
 from adderquant.engine.export import fakequant_model
 from adderquant.engine.package import Package, load_package
-from adderquant.models import create_model, load_pretrained
-from adderquant.paths import default_checkpoint
+from adderquant.hub import checkpoint_path
+from adderquant.models import create_model, load_pretrained, model_record
 
 ENGINES = ("int", "fakequant", "float")
 
@@ -51,9 +50,7 @@ def build_engine(args: argparse.Namespace, package: Package) -> Callable:
     if args.engine == "fakequant":
         return fakequant_model(package)
     arch = package.graph["architecture"]
-    ckpt = args.checkpoint or default_checkpoint(arch)
-    if ckpt is None:
-        raise ValueError(f"no released checkpoint for {arch}; pass --checkpoint PATH")
+    ckpt = checkpoint_path(model_record(arch), args.checkpoint)
     return load_pretrained(create_model(arch, package.graph["num_classes"]), ckpt).eval()
 
 
@@ -75,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     package = load_package(args.package)
     graph = package.graph
-    dataset = graph.get("dataset") or MODEL_DATASET.get(graph["architecture"], "cifar10")
+    dataset = graph.get("dataset") or model_record(graph["architecture"]).dataset
     images, labels = load_dataset(dataset, args.data, train=args.split == "train")
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]

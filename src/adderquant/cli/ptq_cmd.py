@@ -12,6 +12,7 @@ from adderquant.cli.common import (
     add_model_args,
     build_model,
     dataset_name,
+    num_classes,
     test_loader,
 )
 from adderquant.evaluate import evaluate
@@ -51,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     report["seconds"]["total"] = time.perf_counter() - start
     report.update(model=args.model, dataset=dataset, test=result.as_dict())
     if args.out:
-        num_classes = 100 if dataset == "cifar100" else 10
-        save_quantized(args.out, qmodel, args.model, num_classes, report["config"], report)
+        save_quantized(args.out, qmodel, args.model, num_classes(args), report["config"], report)
     if args.report:
         write_json_atomic(args.report, json_ready(report))
     if args.json:

@@ -10,7 +10,7 @@ import torch
 
 from adderquant._io import write_bytes_atomic
 from adderquant.cli.validate import non_negative_float, positive_float, positive_int
-from adderquant.data import TensorLoader, load_dataset
+from adderquant.data import DATASET_CLASSES, TensorLoader, load_dataset
 from adderquant.evaluate import evaluate
 from adderquant.models import MODEL_NAMES, create_model
 from adderquant.train import TrainConfig, train
@@ -19,7 +19,7 @@ from adderquant.train import TrainConfig, train
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an AdderNet from scratch")
     p.add_argument("--model", default="lenet5", choices=MODEL_NAMES)
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", choices=tuple(DATASET_CLASSES))
     p.add_argument("--data", default=None, help="dataset root (default: the usual locations)")
     p.add_argument("--out", required=True, help="where to save the trained state dict (.pth)")
     p.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
     torch.manual_seed(args.seed)
-    model = create_model(args.model, 100 if args.dataset == "cifar100" else 10)
+    model = create_model(args.model, DATASET_CLASSES[args.dataset])
     log = train(model, images, labels, args.dataset, cfg, progress=not args.json)
     test_images, test_labels = load_dataset(args.dataset, args.data, train=False)
     result = evaluate(

@@ -1,30 +1,26 @@
-"""Download official dataset files: resumable, checksum-verified, never half-written.
+"""Official dataset files: where they are published, and their download and unpacking.
 
-Each file is downloaded to ``<name>.part`` (resumed with an HTTP ``Range`` request when a
-previous attempt broke off), its md5 checked, then renamed into place. Archives are unpacked
-into a temporary folder beside the target, which is renamed into place when complete.
+Each file goes through :func:`adderquant.download.download` (resumable, checksum-verified,
+renamed into place when complete). Archives are unpacked into a temporary folder beside the
+target, which is renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import http.client
 import os
-import re
 import shutil
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from adderquant.download import ChecksumError, DownloadError, FetchError, download
 
-CHUNK = 1 << 20
+__all__ = ["SOURCES", "ChecksumError", "DownloadError", "FetchError", "Source", "extract",
+           "fetch", "mirror_url", "planned_files"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +32,7 @@ class Source:
     """
 
     url: str
-    files: Mapping[str, str]  # file name -> md5
+    files: Mapping[str, str]  # file name -> md5 (all the official sites publish)
     folder: str
     archive: bool
 
@@ -68,107 +64,6 @@ SOURCES = {
 }
 
 
-class FetchError(RuntimeError):
-    """A download or unpacking that did not complete."""
-
-
-class DownloadError(FetchError):
-    """The transfer failed (network, HTTP status, short read)."""
-
-
-class ChecksumError(FetchError):
-    """A downloaded file whose md5 is not the expected one."""
-
-
-def file_md5(path: Path) -> str:
-    """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _range_start(content_range: str | None) -> int | None:
-    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (content_range or "").strip())
-    return int(match.group(1)) if match else None
-
-
-def _transfer(url: str, part: Path, progress: bool, timeout: float) -> None:
-    """Append the rest of ``url`` to ``part`` (restarting it if the server ignores Range)."""
-    done = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={done}-"} if done else {}
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                          timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and done:  # nothing left to send: the .part is already complete
-            return
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; check the URL") from e
-    with response:
-        if done and response.status == 206:
-            if _range_start(response.headers.get("Content-Range")) != done:
-                raise DownloadError(
-                    f"{url}: the server resumed at the wrong offset "
-                    f"({response.headers.get('Content-Range')!r}); delete {part} and retry"
-                )
-        else:
-            done = 0  # a full response: start the file over
-        length = response.headers.get("Content-Length")
-        total = done + int(length) if length is not None else None
-        with part.open("ab" if done else "wb") as f, tqdm(
-            total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=part.name.removesuffix(".part"), disable=not progress,
-        ) as bar:
-            while chunk := response.read(CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
-            received = f.tell()
-    if total is not None and received < total:
-        raise ConnectionError(f"connection closed with {total - received} of {total} bytes "
-                              "still to come")
-
-
-def download(
-    url: str, dest: str | os.PathLike, md5: str, progress: bool = True, timeout: float = 60.0
-) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming it, and verify ``md5``.
-
-    An existing ``dest`` with the right md5 is kept as is. Raises ``DownloadError`` (the
-    ``.part`` is kept for a resume) or ``ChecksumError`` (the ``.part`` is removed).
-    """
-    dest = Path(dest)
-    if dest.is_file():
-        actual = file_md5(dest)
-        if actual == md5:
-            return dest
-        raise ChecksumError(f"{dest} exists but its md5 is {actual}, not {md5}; delete it and "
-                            "run the command again")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        _transfer(url, part, progress, timeout)
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        reason = e.reason if isinstance(e, urllib.error.URLError) else e
-        if isinstance(reason, BaseException):
-            reason = f"{reason.__class__.__name__}: {reason}"
-        kept = part.stat().st_size if part.exists() else 0
-        retry = (f"{part} is kept: run the same command again to resume it" if kept
-                 else "check the network and the URL, then run the command again")
-        raise DownloadError(
-            f"download of {url} failed after {kept} bytes ({reason}); {retry}"
-        ) from e
-    actual = file_md5(part)
-    if actual != md5:
-        part.unlink()
-        raise ChecksumError(
-            f"{url}: md5 of the download is {actual}, expected {md5}; the partial file was "
-            "removed (is the URL the official file? run the command again to retry)"
-        )
-    os.replace(part, dest)
-    return dest
-
-
 def extract(archive: Path, to: Path, folder: str) -> Path:
     """Unpack ``folder`` of a ``.tar.gz`` into ``to/folder`` through a temporary folder."""
     final = to / folder
@@ -189,6 +84,31 @@ def extract(archive: Path, to: Path, folder: str) -> Path:
     return final
 
 
+def mirror_url(name: str, base: str) -> str:
+    """The ``url`` argument of :func:`fetch` for a mirror holding the dataset's files flat
+    under ``base`` (the archive's URL, or the folder URL itself)."""
+    source = _source(name)
+    if not source.archive:
+        return base
+    (file_name,) = source.files
+    return base.rstrip("/") + "/" + file_name
+
+
+def planned_files(
+    name: str, to: str | os.PathLike, url: str | None = None,
+    checksums: Mapping[str, str] | None = None,
+) -> list[tuple[str, Path, str]]:
+    """``(url, destination, checksum)`` of every file :func:`fetch` downloads for ``name``."""
+    source = _source(name)
+    expected = {**source.files, **(checksums or {})}
+    to, base = Path(to), url or source.url
+    if source.archive:
+        (file_name,) = source.files
+        return [(base, to / file_name, expected[file_name])]
+    return [(base.rstrip("/") + "/" + f, to / source.folder / f, expected[f])
+            for f in source.files]
+
+
 def fetch(
     name: str,
     to: str | os.PathLike,
@@ -200,20 +120,18 @@ def fetch(
     """Download (and unpack) dataset ``name`` under ``to``; return its folder.
 
     ``url`` replaces the official location (the archive's URL for CIFAR, the folder URL holding
-    the four files for Fashion-MNIST); ``checksums`` replaces expected md5s by file name.
+    the four files for Fashion-MNIST); ``checksums`` replaces expected checksums (md5 or
+    sha256) by file name.
     """
+    source = _source(name)
+    files = [download(u, dest, checksum, progress, timeout)
+             for u, dest, checksum in planned_files(name, to, url, checksums)]
+    if source.archive:
+        return extract(files[0], Path(to), source.folder)
+    return Path(to) / source.folder
+
+
+def _source(name: str) -> Source:
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
-    source = SOURCES[name]
-    md5s = {**source.files, **(checksums or {})}
-    to = Path(to)
-    base = url or source.url
-    if source.archive:
-        (file_name,) = source.files
-        archive = download(base, to / file_name, md5s[file_name], progress, timeout)
-        return extract(archive, to, source.folder)
-    folder = to / source.folder
-    for file_name in source.files:
-        file_url = base.rstrip("/") + "/" + file_name
-        download(file_url, folder / file_name, md5s[file_name], progress, timeout)
-    return folder
+    return SOURCES[name]

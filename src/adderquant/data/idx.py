@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adderquant import hub
 from adderquant.data.errors import CorruptDatasetError, DatasetNotFoundError
-from adderquant.paths import dataset_dirs
 
 # IDX type codes (third byte of the magic number) and their big-endian numpy dtypes.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -79,11 +79,11 @@ def _find(folder: Path, stem: str) -> Path | None:
 def find_idx_files(
     name: str, root: str | os.PathLike | None = None, train: bool = False
 ) -> tuple[Path, Path]:
-    """The ``(images, labels)`` IDX files of a split: in ``root`` (or ``root/name``) when
-    given, else in ``$ADDERQUANT_DATA/name``, ``../shared/data/name``,
-    ``/usr/share/datasets/name``."""
+    """The ``(images, labels)`` IDX files of a split: in ``root/name`` or ``root``, where
+    ``root`` defaults to the one :func:`adderquant.hub.dataset_root` finds."""
     stems = IDX_FILES[train]
-    looked = dataset_dirs(name, root)
+    root = hub.dataset_root(name, root)
+    looked = [root / name, root]
     for folder in looked:
         files = [_find(folder, stem) for stem in stems]
         if files[0] is not None and files[1] is not None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from adderquant import hub
+from adderquant.data.cifar import NUM_CLASSES as CIFAR_CLASSES
 from adderquant.data.cifar import load_cifar
 from adderquant.data.idx import IDX_VARIANTS, load_idx_dataset
+from adderquant.data.idx import NUM_CLASSES as IDX_CLASSES
 from adderquant.data.transforms import NORMALISATION, normalize, random_crop_flip
-from adderquant.paths import data_root
 
 DATASETS = ("cifar10", "cifar100", *IDX_VARIANTS)
+DATASET_CLASSES = {**CIFAR_CLASSES, **dict.fromkeys(IDX_VARIANTS, IDX_CLASSES)}
 
 
 def load_dataset(
@@ -20,11 +23,11 @@ def load_dataset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw ``(uint8 images N x C x H x W, int64 labels)`` of a named dataset.
 
-    ``root`` defaults to ``$ADDERQUANT_DATA``, then ``../shared/data``; MNIST and Fashion-MNIST
-    are also looked for in ``/usr/share/datasets/<name>`` (see ``paths.dataset_dirs``).
+    ``root`` defaults to the folder :func:`adderquant.hub.dataset_root` finds (the environment,
+    ``../shared/data``, ``/usr/share/datasets``, the cache) or downloads the dataset into.
     """
     if name in ("cifar10", "cifar100"):
-        return load_cifar(data_root(root), name, train)
+        return load_cifar(hub.dataset_root(name, root), name, train)
     if name in IDX_VARIANTS:
         return load_idx_dataset(name, root, train)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -34,7 +37,9 @@ class TensorLoader:
     """Iterate ``(normalised images, labels)`` batches over uint8 tensors held in memory.
 
     ``augment=True`` applies the CIFAR pad-4 crop + flip; ``seed`` makes shuffling and
-    augmentation reproducible (each pass draws new crops from the same stream).
+    augmentation reproducible (each pass draws new crops from the same stream);
+    ``normalisation`` ``(mean, std)`` replaces the dataset's own (a model trained with other
+    statistics).
     """
 
     def __init__(
@@ -47,13 +52,14 @@ class TensorLoader:
         augment: bool = False,
         seed: int = 0,
         num_batches: int | None = None,
+        normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         if len(images) == 0:
             raise ValueError("the dataset is empty")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.images, self.labels = images, labels
-        self.mean, self.std = NORMALISATION[dataset]
+        self.mean, self.std = normalisation or NORMALISATION[dataset]
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator = torch.Generator().manual_seed(seed)
         self.num_batches = num_batches

@@ -36,12 +36,18 @@ _SIGNATURES: dict[str, tuple[type | None, list]] = {
         [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
          _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _INT],  # mult, offset, shift, residual, relu, out,
     ),                                              # threads
+    "sums_to_float": (
+        None,
+        [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
+         _PTR, _PTR, _PTR, _PTR, _INT],  # excess, step, bias, out, threads
+    ),
 }
 
 ERRORS = {
     -1: "the requested SAD kernel path is not available on this CPU",
     -2: "out of memory while packing the SAD kernel's operands",
     -3: "invalid convolution geometry",
+    -4: "NaN or infinite values cannot be quantized to codes",
 }
 
 
@@ -62,7 +68,17 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+class NonFiniteInputError(ValueError):
+    """Values that are NaN or infinite have no integer code."""
+
+
+NONFINITE = -4
+
+
 def check(code: int, what: str) -> None:
-    """Raise ``RuntimeError`` for a negative status code returned by the kernel."""
+    """Raise ``RuntimeError`` for a negative status code returned by the kernel
+    (:class:`NonFiniteInputError` for NaN or infinite inputs)."""
+    if code == NONFINITE:
+        raise NonFiniteInputError(f"{what}: {ERRORS[code]}")
     if code < 0:
         raise RuntimeError(f"{what}: {ERRORS.get(code, f'kernel error {code}')}")

@@ -101,7 +101,16 @@ class IntegerEngine:
                              f"{tuple(images.shape)}")
         if len(images) == 0:
             return torch.empty(0, self.graph["num_classes"])
-        values = self._run({"image": images.float()}, 0, self.first)
+        x = images.float()
+        if not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).flatten(1).any(1)
+            raise ValueError(
+                f"the engine takes finite images; {int(bad.sum())} of {len(x)} images hold NaN "
+                f"or infinite pixels, or pixels beyond the float32 range (first: image "
+                f"{int(bad.nonzero()[0])}); integer codes cannot represent them, so clean or drop "
+                "those images"
+            )
+        values = self._run({"image": x}, 0, self.first)
         threads = max(1, min(self.threads or torch.get_num_threads(), len(images)))
         splits = {k: v.tensor_split(threads) for k, v in values.items()}
         parts = [{k: s[i] for k, s in splits.items()} for i in range(threads)]

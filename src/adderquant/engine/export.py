@@ -33,7 +33,7 @@ from adderquant.engine.package import (
     save_package,
 )
 from adderquant.engine.requant import fixed_point
-from adderquant.models import create_model
+from adderquant.models import create_model, model_record
 from adderquant.models.checkpoint import state_mismatch
 from adderquant.models.resnet_cifar import BasicBlock, CifarResNet
 from adderquant.quant import CodeRange, QuantAdder2d, replace_module
@@ -236,7 +236,7 @@ def lower(
         "architecture": architecture,
         "dataset": dataset,
         "num_classes": model.fc.out_channels,
-        "input_shape": [model.conv1.in_channels, 32, 32],
+        "input_shape": list(model_record(architecture).input_size),
         "fixed_frac_bits": frac_bits,
         "layers": low.layers,
         "ops": low.ops,

@@ -152,3 +152,25 @@ def requant_fixed(
         offset.data_ptr(), shift.data_ptr(), residual.data_ptr() if residual is not None else None,
         int(relu), out.data_ptr(), _threads(threads))
     return out
+
+
+def sums_to_float(
+    sums: torch.Tensor, excess: torch.Tensor, step: torch.Tensor, bias: torch.Tensor,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """float32 ``(sums + excess)·step + bias`` of int32 ``sums`` (N, C, H, W) with per-channel
+    int32 ``excess`` and float32 ``step`` and ``bias`` (C), the product rounded before the sum
+    (as PyTorch's ``(sums + excess).float() * step + bias``), in one pass."""
+    if sums.dtype != torch.int32 or sums.dim() < 2:
+        raise TypeError(f"sums_to_float: sums must be int32 (N, C, ...), got {sums.dtype} "
+                        f"{tuple(sums.shape)}")
+    n, c = sums.shape[:2]
+    params = [excess.to(torch.int32).contiguous(), step.to(torch.float32).contiguous(),
+              bias.to(torch.float32).contiguous()]
+    if any(p.shape != (c,) for p in params):
+        raise ValueError(f"sums_to_float: excess, step and bias must have shape ({c},)")
+    sums = sums.contiguous()
+    out = torch.empty(sums.shape, dtype=torch.float32)
+    library().sums_to_float(sums.data_ptr(), n, c, math.prod(sums.shape[2:]),
+                            *(p.data_ptr() for p in params), out.data_ptr(), _threads(threads))
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,7 +29,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    problems = tensors_with_bad_numbers(state)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} holds values that make the outputs meaningless: "
+            f"{problems}; use a checkpoint saved before its training diverged"
+        )
+    return state
+
+
+def tensors_with_bad_numbers(state: Mapping[str, torch.Tensor], shown: int = 5) -> str:
+    """The floating tensors of ``state`` holding NaN or inf, and BatchNorm variances below zero
+    (NaN after the square root), as ``name (count of size NaN/inf)``; empty when none."""
+    found = []
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            found.append(f"{name} ({bad} of {t.numel()} values NaN/inf)")
+        elif name.endswith("running_var") and bool((t < 0).any()):
+            found.append(f"{name} ({int((t < 0).sum())} negative variances)")
+    more = f" and {len(found) - shown} more tensors" if len(found) > shown else ""
+    return ", ".join(found[:shown]) + more
 
 
 def load_tensors_only(path: Path, what: str) -> object:

@@ -50,7 +50,8 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> N
 
 def _geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int):
     """The kernel's shape record, after checking stride, padding, dilation and output size."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    sh, sw = _pair(stride, "stride")
+    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(
             f"adder2d: stride {(sh, sw)} and dilation {(dh, dw)} must be >= 1 and padding "
@@ -119,6 +120,14 @@ def adder2d(
     ``grad_x = sum clamp(w - x, -1, 1) * g``. ``true_gradient=True`` gives the exact sign
     gradients of the forward instead (no rescaling). CUDA tensors go to the Triton kernels of
     :mod:`adderquant.ops.triton_adder` (float32).
+
+    NaN and inf follow the definition as PyTorch evaluates it in float64, rounded to the
+    dtype (docs/errors.md, "Non-finite numbers"): an output is NaN when its window holds a NaN
+    or meets ``inf - inf``, -inf when a term or the sum is infinite, and finite sums that
+    overflow the dtype give -inf (never NaN). AdderNet's input gradient is NaN where
+    ``clamp(w - x, -1, 1) * g`` meets NaN; the exact gradients use ``sign(NaN) = 0`` as
+    ``torch.sign`` does. Results the fast kernel leaves non-finite are recomputed term by term
+    in double precision, so finite inputs keep the fast path's speed.
     """
     if isinstance(x, torch.Tensor) and x.is_cuda:
         from adderquant.ops.triton_adder import adder2d_cuda  # Triton is imported on first use

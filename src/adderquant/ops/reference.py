@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``(v, v)`` for an integer, ``(v[0], v[1])`` for a pair of integers; else a clear error
+    naming ``name`` (stride, padding, dilation or kernel_size)."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(
+                f"adder2d: {name} takes one integer or two (height, width), got {len(v)} values "
+                f"{tuple(v)}"
+            )
+        return _integer(v[0], name), _integer(v[1], name)
+    return (_integer(v, name),) * 2
+
+
+def _integer(v, name: str) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"adder2d: {name} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(
+            f"adder2d: {name} must be an integer or a pair of integers, got {v!r} "
+            f"({type(v).__name__})"
+        ) from None
 
 
 def output_size(
     h: int, w: int, kernel: tuple[int, int], stride, padding, dilation
 ) -> tuple[int, int]:
     """Spatial output size with the geometry of ``F.conv2d``."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    sh, sw = _pair(stride, "stride")
+    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
     ho = (h + 2 * ph - dh * (kernel[0] - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kernel[1] - 1) - 1) // sw + 1
     return ho, wo
@@ -31,7 +55,10 @@ def adder2d_reference(
 ) -> torch.Tensor:
     """``Y[n,t,i,j] = -sum_{c,u,v} |X[n,c,i*s+u,j*s+v] - W[t,c,u,v]|`` by explicit unfolding.
 
-    Autograd through this function gives the true (sign) gradients.
+    Autograd through this function gives the true (sign) gradients. It is the definition
+    also for NaN and inf: ``|x - w|`` and the sum follow IEEE arithmetic term by term (evaluate
+    it in float64 to compare with the compiled kernel, whose non-finite results are the
+    float64 definition rounded).
     """
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape

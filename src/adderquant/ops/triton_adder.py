@@ -8,6 +8,13 @@ The input gradient is a gather over the output positions that read each input pi
 AdderNet weight gradient ``sum (x - w) * g`` is a convolution weight gradient minus
 ``w * sum g``, and the exact sign weight gradient reduces over output positions in slices
 added atomically.
+
+Non-finite numbers: the forward sums ``|x - w|`` term by term in float32, so it gives the
+definition's NaN and infinities; the input gradient's clamp keeps NaN and the sign gradients
+take ``sign(NaN) = 0`` as ``torch.sign`` does, like the CPU kernel. Unlike the CPU kernel, the
+AdderNet weight gradient (``conv2d_weight(x, g) - w * sum g``) is not recomputed where it is
+non-finite: where an infinite weight meets output gradients of both signs it gives +-inf
+where the definition gives NaN, and float32 overflow of ``sum x g`` is not repaired.
 """
 
 from __future__ import annotations
@@ -119,10 +126,10 @@ def _grad_input_kernel(
                 wv = tl.load(w_ptr + ((t * c_in_g + offs_c) * KH + u) * KW + v,
                              mask=mask_c, other=0.0)
                 d = wv[None, :] - xt
-                if EXACT:
+                if EXACT:  # torch.sign: 0 for NaN
                     f = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-                else:
-                    f = tl.minimum(tl.maximum(d, -1.0), 1.0)
+                else:  # HardTanh keeping NaN (tl.minimum/maximum may drop it)
+                    f = tl.where(d != d, d, tl.minimum(tl.maximum(d, -1.0), 1.0))
                 acc += f * gv[:, None]
 
     tl.store(gx_ptr + x_off, acc, mask=mask)

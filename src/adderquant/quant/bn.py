@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -38,13 +39,32 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def negligible_batches(count: int, momentum: float | None, weight: float) -> int:
+    """How many of ``count`` leading batches an exponential average with ``momentum`` may skip
+    when every skipped batch's total weight in the result stays below ``weight``.
+
+    After ``K`` batches the running statistic is ``(1 − m)^K·r_0 + Σ_k m(1 − m)^(K−1−k)·b_k``.
+    Starting at batch ``j`` instead changes it by ``(1 − m)^(K−j)·(r_j − r_0)``: the first ``j``
+    batches and the initial value together weigh ``(1 − m)^(K−j)``. Train-mode outputs do not
+    depend on the running statistics, so the batches kept see the same activations."""
+    if momentum is None or weight <= 0.0 or momentum >= 1.0:
+        return 0
+    needed = math.ceil(math.log(weight) / math.log(1.0 - momentum))
+    return max(0, count - needed)
+
+
 @torch.no_grad()
 def reestimate_bn(
-    model: nn.Module, batches: Batches, momentum: float | None = 0.1, progress: bool = False
+    model: nn.Module, batches: Batches, momentum: float | None = 0.1, progress: bool = False,
+    negligible_weight: float = 0.0,
 ) -> int:
     """Recompute every BatchNorm's running statistics in train mode over ``batches`` (no weight
-    update); returns the number of batches seen. ``momentum=None`` restarts the statistics and
-    takes the cumulative average."""
+    update); returns the number of batches run. ``momentum=None`` restarts the statistics and
+    takes the cumulative average. ``negligible_weight`` > 0 (with a momentum and batches of
+    known length) skips the leading batches whose weight in the result is below it (see
+    :func:`negligible_batches`)."""
+    skip = (negligible_batches(len(batches), momentum, negligible_weight)
+            if hasattr(batches, "__len__") else 0)
     norms = batch_norms(model)
     if not norms:
         raise ValueError("the model has no BatchNorm layers to re-estimate")
@@ -57,9 +77,10 @@ def reestimate_bn(
     seen = 0
     model.train()
     try:
-        for x, _ in tqdm(batches, desc="bn", disable=not progress, leave=False):
-            model(x.to(device))
-            seen += 1
+        for i, (x, _) in enumerate(tqdm(batches, desc="bn", disable=not progress, leave=False)):
+            if i >= skip:
+                model(x.to(device))
+                seen += 1
     finally:
         model.eval()
         for bn, m in zip(norms, saved, strict=True):

@@ -57,6 +57,9 @@ class PTQConfig:
     bn_reestimate: bool = False
     bn_momentum: float | None = 0.1  # None: cumulative average
     bn_batches: int = 202
+    # leading BatchNorm batches whose weight in the momentum average stays below this are not
+    # run (0: run all); 1e-3 runs the last 66 of 202 batches at momentum 0.1
+    bn_negligible_weight: float = 1e-3
     # per-channel bias correction of adder outputs, measured on the layer inputs of the
     # float or of the quantized model: none | float-input | quant-input
     bias_correction: str = "float-input"
@@ -104,6 +107,9 @@ class PTQConfig:
             raise ValueError(f"report_images must be >= 0, got {self.report_images}")
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
             raise ValueError(f"bn_momentum must be in (0, 1] or None, got {self.bn_momentum}")
+        if not 0.0 <= self.bn_negligible_weight < 1.0:
+            raise ValueError(f"bn_negligible_weight must be in [0, 1), got "
+                             f"{self.bn_negligible_weight}")
         if not 0.0 < self.clip_shrink < 1.0:
             raise ValueError(f"clip_shrink must be in (0, 1), got {self.clip_shrink}")
         if self.search_positions < 16:
@@ -215,6 +221,8 @@ _HELP = {
     "qssf_source": "qssf: the shared scale comes from weights, activations or the max of both",
     "calib_pool": "calibration draws from the first N training images",
     "bn_momentum": "BatchNorm re-estimation momentum (none: cumulative average)",
+    "bn_negligible_weight": "skip the leading BatchNorm batches whose total weight in the "
+    "momentum average is below this (0: run every batch)",
     "bias_correction": "per-channel bias correction measured on float or quantized inputs",
     "method_options": "method-specific option KEY=VALUE (repeatable; YAML value syntax)",
 }

@@ -22,7 +22,12 @@ from torch import nn
 
 from adderquant._io import write_bytes_atomic
 from adderquant.models import create_model
-from adderquant.models.checkpoint import CheckpointError, load_tensors_only, state_mismatch
+from adderquant.models.checkpoint import (
+    CheckpointError,
+    load_tensors_only,
+    state_mismatch,
+    tensors_with_bad_numbers,
+)
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
 
@@ -65,6 +70,12 @@ def read_quantized(path: str | Path) -> dict[str, Any]:
     if payload.get("version") != VERSION:
         raise ValueError(f"{path} has format version {payload.get('version')}; this adderquant "
                          f"reads version {VERSION}")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise ValueError(f"{path} has no state dict; create it again with adderquant ptq")
+    problems = tensors_with_bad_numbers(payload["state_dict"])
+    if problems:
+        raise ValueError(f"{path} holds values that make the outputs meaningless: "
+                         f"{problems}; quantize a finite model again with adderquant ptq")
     return payload
 
 

@@ -23,6 +23,9 @@ quarter of the work, the kernel is called once per grid instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -31,11 +34,13 @@ from adderquant.ops import adder2d
 from adderquant.quant.clamp import lossless_clamp
 from adderquant.quant.grid import (
     CodeRange,
-    act_codes,
     dequant_weight,
     fake_quant_act,
     weight_codes,
 )
+
+if TYPE_CHECKING:  # the engine package imports this module
+    from adderquant.engine.sad import ConvGeometry
 
 STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped kernel call
 
@@ -150,45 +155,53 @@ class QuantAdder2d(nn.Module):
         m = int(sizes.max())
         return label * m + rank, m
 
-    def code_offset(self) -> int | None:
-        """The offset making both operands of ``|q_x − r·q_w|`` non-negative bytes
-        (``−r·w_min``), or ``None`` when they do not fit in a byte."""
-        offset = -self.codes.weight_ratio * self.codes.weight_min
-        top = max(self.codes.act_max, self.codes.weight_ratio * self.codes.weight_max) + offset
-        return offset if top <= 255 else None
+    def _sad_plan(self) -> _SadPlan:
+        """The SAD kernel's operands, rebuilt whenever a buffer they come from changes."""
+        tensors = (self.weight_codes, self.group, self.scale, self.zero_point)
+        key = (*((t.data_ptr(), t._version) for t in tensors), self.codes, self.stride,
+               self.padding)
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.key != key:
+            plan = _SadPlan.build(self, key)
+            self.__dict__["_plan"] = plan
+        return plan
 
-    def _integer_kernel_offset(self, x: torch.Tensor) -> int | None:
-        """The code offset when the SAD kernel applies to ``x`` (CPU inference, no dilation,
-        byte-sized codes), else ``None``."""
-        if not self.integer_kernel or x.device.type != "cpu" or self.dilation != (1, 1):
+    def _uses_integer_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the SAD kernel computes this call: CPU float32 inference without dilation,
+        zero points that are activation codes (so that zero padding has a code)."""
+        if not self.integer_kernel or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if self.dilation != (1, 1) or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        return self._sad_plan().zero_points_are_codes
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``−Δ·Σ|q_x − r·q_w|`` + biases: the input's codes on every grid in one pass, one
+        SAD kernel call per grid, and the int32 sums scaled to float32 in one pass; ``None``
+        when ``x`` holds NaN or infinite values, which have no code."""
+        from adderquant.engine._kernel import NonFiniteInputError
+        from adderquant.engine.requant import codes_from_float, sums_to_float
+        from adderquant.engine.sad import sad_conv2d_packed
+
+        plan = self._sad_plan()
+        n, c, h, w = x.shape
+        try:
+            packed = codes_from_float(x, plan.scales, plan.zero_points, self.bits,
+                                      plan.geometry)
+        except NonFiniteInputError:
             return None
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None
-        return self.code_offset()
-
-    def _integer_forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """``−Δ·Σ|q_x − r·q_w|`` on byte codes with the SAD kernel, one call per grid."""
-        # imported here: the engine package imports this module
-        from adderquant.engine.sad import ConvGeometry, sad_conv2d
-
-        scales, zero_points, label = self._grids()
-        shifted_w = (self.codes.weight_ratio * self.weight_codes + offset).to(torch.uint8)
-        geometry = ConvGeometry(tuple(self.weight_codes.shape[2:]), self.stride, self.padding)
-        out = torch.empty(len(x), len(label), *geometry.output_size(*x.shape[2:]),
-                          dtype=torch.int32)
-        for j in range(len(scales)):
-            channels = torch.nonzero(label == j).squeeze(1)
-            codes = act_codes(x, scales[j], zero_points[j], self.codes).add_(offset)
-            sad_conv2d(codes.to(torch.uint8), shifted_w[channels], self.stride, self.padding,
-                       int(zero_points[j]) + offset, out=out, out_index=channels)
-        step = scales[label].view(1, -1, 1, 1)
-        bias = (self.clamp_bias + self.bias).to(x.dtype).view(1, -1, 1, 1)
-        return out.to(x.dtype) * -step.to(x.dtype) + bias
+        sums = torch.empty(n, len(self.group), *plan.geometry.output_size(h, w),
+                           dtype=torch.int32)
+        for g, (weights, channels) in enumerate(zip(plan.weights, plan.channels, strict=True)):
+            sad_conv2d_packed(packed[g], (c, h, w), weights, plan.geometry,
+                              int(plan.zero_points[g]), out=sums, out_index=channels)
+        return sums_to_float(sums, plan.excess, plan.step, self.clamp_bias + self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset = self._integer_kernel_offset(x)
-        if offset is not None:
-            return self._integer_forward(x, offset)
+        if self._uses_integer_kernel(x):
+            y = self._integer_forward(x)
+            if y is not None:
+                return y  # else NaN/inf inputs: the float path follows the definition
         w_hat = self.dequantized_weight()
         scales, zero_points, label = self._grids()
         g, c_out = len(scales), w_hat.shape[0]
@@ -237,6 +250,46 @@ class QuantAdder2d(nn.Module):
             f"kernel_size={tuple(self.weight_codes.shape[2:])}, stride={self.stride}, "
             f"padding={self.padding}, bits={self.bits}, groups={self.num_groups}, "
             f"weight_ratio={self.codes.weight_ratio}"
+        )
+
+
+@dataclass(frozen=True)
+class _SadPlan:
+    """A layer's operands for the SAD kernel. Activation codes lie in ``[0, 2^b − 1]``, so a
+    weight value ``v = r·q_w`` outside that range is clamped into it and its excess
+    ``|v − clamp(v)|`` (the same for every input code) is added to the channel's sum:
+    ``|q_x − v| = |q_x − clamp(v)| + |v − clamp(v)|``. Then every operand is a byte."""
+
+    key: tuple
+    scales: torch.Tensor  # float32 (G'): the distinct grids
+    zero_points: torch.Tensor  # int32 (G')
+    channels: list[torch.Tensor]  # int32: the output channels on each grid
+    weights: list[torch.Tensor]  # uint8 (T_g, C, kH, kW): clamped r·q_w of those channels
+    excess: torch.Tensor  # int32 (C_out): Σ|v − clamp(v)| of every filter
+    step: torch.Tensor  # float32 (C_out): −Δ of every channel's grid
+    geometry: ConvGeometry
+    zero_points_are_codes: bool  # else zero padding has no code: the float kernel runs
+
+    @classmethod
+    def build(cls, layer: QuantAdder2d, key: tuple) -> _SadPlan:
+        from adderquant.engine.sad import ConvGeometry
+
+        scales, zero_points, label = layer._grids()
+        v = layer.codes.weight_ratio * layer.weight_codes.long()
+        clamped = v.clamp(0, layer.codes.act_max)
+        channels = [torch.nonzero(label == j).flatten() for j in range(len(scales))]
+        return cls(
+            key=key,
+            scales=scales.float(),
+            zero_points=zero_points.to(torch.int32),
+            channels=[c.to(torch.int32) for c in channels],
+            weights=[clamped[c].to(torch.uint8).contiguous() for c in channels],
+            excess=(v - clamped).abs().flatten(1).sum(1).to(torch.int32),
+            step=-scales[label].float(),
+            geometry=ConvGeometry(tuple(layer.weight_codes.shape[2:]), layer.stride,
+                                  layer.padding),
+            zero_points_are_codes=bool(((zero_points >= 0)
+                                        & (zero_points <= layer.codes.act_max)).all()),
         )
 
 

@@ -192,7 +192,8 @@ def ptq(
         seconds["bias_correction"] = time.perf_counter() - start
     if cfg.bn_reestimate:
         start = time.perf_counter()
-        reestimate_bn(qmodel, take_batches(calib, cfg.bn_batches), cfg.bn_momentum, progress)
+        reestimate_bn(qmodel, take_batches(calib, cfg.bn_batches), cfg.bn_momentum, progress,
+                      cfg.bn_negligible_weight)
         seconds["bn_reestimate"] = time.perf_counter() - start
     start = time.perf_counter()
     add_sqnr(layers, model, qmodel, {n: o.kept_inputs for n, o in observers.items()})

@@ -31,7 +31,13 @@
 #include <string.h>
 
 enum { SAD_PORTABLE = 0, SAD_AVX2 = 1, SAD_AVX512 = 2 };
-enum { SAD_OK = 0, SAD_ERR_PATH = -1, SAD_ERR_MEMORY = -2, SAD_ERR_GEOMETRY = -3 };
+enum {
+    SAD_OK = 0,
+    SAD_ERR_PATH = -1,
+    SAD_ERR_MEMORY = -2,
+    SAD_ERR_GEOMETRY = -3,
+    SAD_ERR_NONFINITE = -4
+};
 
 /* Register tile: R output channels x Q vectors of output columns. */
 #define R512 4
@@ -515,11 +521,15 @@ int sad_pack(const uint8_t *x, int64_t n_img, int64_t cin, int64_t h, int64_t w,
         dst[p] = relu && u < 0 ? 0 : u;                                                     \
     }
 
+/* Also tells whether some value is NaN or infinite (x - x is then NaN, else 0). */
 #define FLOAT_ROW                                                                           \
+    int bad = 0;                                                                            \
     for (int64_t p = 0; p < pixels; p++) {                                                  \
-        float q = rintf(src[p] / sc) + zf;                                                  \
+        const float v = src[p], q = rintf(v / sc) + zf;                                     \
+        bad |= v - v != 0.0f;                                                               \
         dst[p] = (uint8_t)(q < 0.0f ? 0.0f : q > qf ? qf : q);                              \
-    }
+    }                                                                                       \
+    return bad;
 
 #define DEFINE_ROWS(SUFFIX, ATTR)                                                            \
     ATTR static void fixed_row_##SUFFIX(const int32_t *restrict src, int64_t pixels,        \
@@ -528,7 +538,7 @@ int sad_pack(const uint8_t *x, int64_t n_img, int64_t cin, int64_t h, int64_t w,
                                         int64_t *restrict dst) {                             \
         FIXED_ROW                                                                           \
     }                                                                                       \
-    ATTR static void float_row_##SUFFIX(const float *restrict src, int64_t pixels, float sc, \
+    ATTR static int float_row_##SUFFIX(const float *restrict src, int64_t pixels, float sc,  \
                                         float zf, float qf, uint8_t *restrict dst) {         \
         FLOAT_ROW                                                                           \
     }
@@ -621,13 +631,14 @@ typedef struct {
     const int32_t *zero;                /* [g] */
 } Source;
 
-/* Codes [first, first + count) of the h * w plane of channel c of image n on grid g. */
-static void source_span(const Source *s, const Geometry *geo, int64_t g, int64_t n, int64_t c,
-                        int64_t first, int64_t count, uint8_t *dst) {
+/* Codes [first, first + count) of the h * w plane of channel c of image n on grid g; returns
+ * nonzero when a float value among them is NaN or infinite. */
+static int source_span(const Source *s, const Geometry *geo, int64_t g, int64_t n, int64_t c,
+                       int64_t first, int64_t count, uint8_t *dst) {
     const int64_t base = (n * geo->cin + c) * geo->h * geo->w + first, z = s->zero[g];
     if (s->kind == FROM_FLOAT) {
-        (s->wide ? float_row_avx512 : float_row_base)((const float *)s->values + base, count,
-                                                      s->scale[g], (float)z, (float)s->qmax, dst);
+        return (s->wide ? float_row_avx512 : float_row_base)(
+            (const float *)s->values + base, count, s->scale[g], (float)z, (float)s->qmax, dst);
     } else if (s->kind == FROM_SUMS) {
         const int64_t i = g * geo->cin + c;
         (s->wide ? codes_row_avx512 : codes_row_base)(
@@ -637,6 +648,7 @@ static void source_span(const Source *s, const Geometry *geo, int64_t g, int64_t
         (s->wide ? stream_row_avx512 : stream_row_base)((const int64_t *)s->values + base,
                                                         count, s->divisor[g], z, s->qmax, dst);
     }
+    return 0;
 }
 
 /* Whether input row h is read by some tap (strided 1x1 layers skip rows). */
@@ -655,6 +667,7 @@ static int produce(const Source *s, const Geometry *geo, int64_t groups, uint8_t
 #pragma omp parallel num_threads(threads)
     {
         uint8_t *planes = malloc((size_t)(8 * pixels + 8 * w));
+        int bad = 0;
         if (!planes) {
 #pragma omp atomic write
             status = SAD_ERR_MEMORY;
@@ -676,9 +689,10 @@ static int produce(const Source *s, const Geometry *geo, int64_t groups, uint8_t
                         } else if (skips_rows) {
                             for (int64_t h = 0; h < geo->h; h++)
                                 if (row_used(geo, h))
-                                    source_span(s, geo, g, n, c8 * 8 + e, h * w, w, plane + h * w);
+                                    bad |= source_span(s, geo, g, n, c8 * 8 + e, h * w, w,
+                                                       plane + h * w);
                         } else {
-                            source_span(s, geo, g, n, c8 * 8 + e, 0, pixels, plane);
+                            bad |= source_span(s, geo, g, n, c8 * 8 + e, 0, pixels, plane);
                         }
                     }
                     uint8_t *chunk = out + (g * n_img + n) * geo->image +
@@ -702,6 +716,10 @@ static int produce(const Source *s, const Geometry *geo, int64_t groups, uint8_t
             }
         }
         free(planes);
+        if (bad && planes) {
+#pragma omp atomic write
+            status = SAD_ERR_NONFINITE;
+        }
     }
     return status;
 }
@@ -750,6 +768,39 @@ void float_to_stream(const float *x, int64_t count, int frac_bits, int64_t *out,
     const double unit = ldexp(1.0, frac_bits);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < count; i++) out[i] = (int64_t)rint((double)x[i] * unit);
+}
+
+/* Float outputs of SAD sums: out[n][c][p] = (float)(in[n][c][p] + excess[c]) * step[c] + bias[c]
+ * in float32, the product rounded before the sum (no fused multiply-add), exactly as PyTorch
+ * computes `(sums + excess).float() * step + bias`. */
+#define AFFINE_ROW                                                                          \
+    for (int64_t p = 0; p < pixels; p++) dst[p] = (float)(src[p] + e) * st + b;
+
+__attribute__((optimize("fp-contract=off"))) static void
+affine_row_base(const int32_t *restrict src, int64_t pixels, int32_t e, float st, float b,
+                float *restrict dst) {
+    AFFINE_ROW
+}
+
+__attribute__((optimize("fp-contract=off"), target("avx512f,avx512bw,avx512dq,avx512vl")))
+static void affine_row_avx512(const int32_t *restrict src, int64_t pixels, int32_t e, float st,
+                              float b, float *restrict dst) {
+    AFFINE_ROW
+}
+
+void sums_to_float(const int32_t *in, int64_t n_img, int64_t channels, int64_t pixels,
+                   const int32_t *excess, const float *step, const float *bias, float *out,
+                   int threads) {
+    if (threads <= 0) threads = omp_get_max_threads();
+    void (*row)(const int32_t *, int64_t, int32_t, float, float, float *) =
+        wide_rows() ? affine_row_avx512 : affine_row_base;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_img; n++) {
+        for (int64_t c = 0; c < channels; c++) {
+            const int64_t base = (n * channels + c) * pixels;
+            row(in + base, pixels, excess[c], step[c], bias[c], out + base);
+        }
+    }
 }
 
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_sad_kernel", NULL, -1, NULL};

@@ -18,6 +18,11 @@
  * in its own buffers; otherwise all threads share one item's buffers and split its work by
  * channels, panels and rows. Small problems run on fewer threads.
  *
+ * Non-finite values. The rearranged sums can turn an overflow or an infinity into NaN; every
+ * result that comes out NaN or infinite is recomputed from the definition in double precision
+ * (repair_forward, repair_grad_input, repair_grad_weight), so NaN and inf follow PyTorch's
+ * float64 evaluation of the definition while finite results take only a cheap check.
+ *
  * Instruction sets. The code under ADDER_TEMPLATE_BODY is compiled once per (element type,
  * instruction set): this file includes itself with ADDER_DOUBLE and ADDER_ISA set. The AVX-512,
  * AVX2 and portable (16-byte GCC vectors) versions are chosen at run time.
@@ -25,6 +30,7 @@
 #ifndef ADDER_TEMPLATE_BODY
 
 #include <Python.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -85,6 +91,16 @@ static inline void valid_outputs(int64_t offset, int64_t stride, int64_t size, i
     *lo = min64(a, b);
     *hi = b;
 }
+
+/* The gradient factors of the definition in double precision, as PyTorch computes them:
+ * clamp(d, -1, 1) (AdderNet's input gradient, NaN for NaN), d (its weight gradient) or, with
+ * `exact`, sign(d) (0 for NaN, as torch.sign). */
+static inline double sign_of(double d) { return (d > 0) - (d < 0); }
+static inline double input_factor(double d, int exact)
+{
+    return exact ? sign_of(d) : isnan(d) ? d : d < -1 ? -1 : d > 1 ? 1 : d;
+}
+static inline double weight_factor(double d, int exact) { return exact ? sign_of(d) : d; }
 
 #define ADDER_TEMPLATE_BODY
 #define ADDER_DOUBLE 0
@@ -306,8 +322,12 @@ typedef ITYPE IVEC __attribute__((vector_size(VBYTES)));
 #define VMAX(a, b) ({ VEC max_a = (a), max_b = (b); VSELECT(max_a > max_b, max_a, max_b); })
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #endif
-/* sign(d) * g, with sign(0) = 0. */
-#define VSIGN_MUL(d, g) ((VEC)((IVEC)(g) & ((d) > VZERO)) - (VEC)((IVEC)(g) & ((d) < VZERO)))
+/* clamp(d, -1, 1), NaN for NaN: min and max return their second operand when one is NaN (x86
+ * instructions and the portable selects alike), so d goes second. */
+#define VHARDTANH(d) VMIN(VSET1(1), VMAX(VSET1(-1), (d)))
+/* sign(d), 0 for zero and for NaN as torch.sign gives it; multiplied by g (not masked) so that
+ * 0 * inf is NaN as in PyTorch's gradient of abs. */
+#define VSIGN(d) ((VEC)((IVEC)VSET1(1) & ((d) > VZERO)) - (VEC)((IVEC)VSET1(1) & ((d) < VZERO)))
 #define INLINE static inline __attribute__((always_inline))
 /* Keeps loops over a few elements inline instead of calls to memset/memmove. */
 #define SHORT_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
@@ -475,6 +495,139 @@ static void FN(unfold)(const adder_geometry *g, const FN(unfolding) *u, const T 
         FN(im2col)(g, x, buf, u->ld, c0, c1);
 }
 
+/* ------------------------------------------------------- non-finite results, repaired ---- */
+
+/* The fast paths rearrange the sums (forward: sum x + sum w - 2 sum min(x, w); AdderNet's
+ * weight gradient: sum x g - w sum g) and accumulate in T, so an overflow or an infinity can
+ * come out as NaN or as the wrong infinity where the definition gives an infinity, NaN or a
+ * finite value. Such a result is always NaN or infinite (a non-finite term or partial sum stays
+ * non-finite), and each one is recomputed here from the definition, term by term in double
+ * precision (stopping at the first NaN): it is then the float64 definition rounded to T. Finite
+ * inputs whose results stay finite never come here. */
+
+/* Whether any lane of m has a bit set. */
+INLINE int FN(any_lane)(IVEC m)
+{
+    int any = 0;
+    for (int i = 0; i < LANES; i++)
+        any |= m[i] != 0;
+    return any;
+}
+
+/* Whether any of the n values at p is NaN or infinite: v - v is +0 (no bit set) for finite v
+ * and NaN otherwise; one subtraction and one OR per vector. */
+static int FN(any_nonfinite)(const T *p, int64_t n)
+{
+    IVEC m = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const VEC v = VLOAD(p + i);
+        m |= (IVEC)(v - v);
+    }
+    int any = FN(any_lane)(m);
+    for (; i < n; i++)
+        any |= !isfinite(p[i]);
+    return any;
+}
+
+/* One item's input (C_in/groups x H x W) at channel c, row i, column j; zero in the padding. */
+static inline T FN(input_at)(const adder_geometry *g, const T *x, int64_t c, int64_t i,
+                             int64_t j)
+{
+    return i >= 0 && i < g->h && j >= 0 && j < g->w ? x[(c * g->h + i) * g->w + j] : 0;
+}
+
+/* The non-finite outputs at positions [q0, q1) of one item: y = -sum |x - w| (x: the item's
+ * input, w: its group's weights, y: C_out/groups x P). */
+static void FN(repair_forward)(const adder_geometry *g, const T *x, const T *w, T *y,
+                               int64_t q0, int64_t q1)
+{
+    const int64_t cg_in = g->c_in / g->groups, cg_out = g->c_out / g->groups;
+    const int64_t p = g->h_out * g->w_out, k = cg_in * g->kh * g->kw;
+    for (int64_t t = 0; t < cg_out; t++)
+        for (int64_t q = q0; q < q1; q++) {
+            if (isfinite(y[t * p + q]))
+                continue;
+            const int64_t i0 = q / g->w_out * g->stride_h - g->pad_h;
+            const int64_t j0 = q % g->w_out * g->stride_w - g->pad_w;
+            const T *wt = w + t * k;
+            double sum = 0;
+            for (int64_t c = 0; c < cg_in && !isnan(sum); c++)
+                for (int64_t u = 0; u < g->kh; u++)
+                    for (int64_t v = 0; v < g->kw; v++)
+                        sum += fabs((double)FN(input_at)(g, x, c, i0 + u * g->dil_h,
+                                                         j0 + v * g->dil_w) -
+                                    (double)wt[(c * g->kh + u) * g->kw + v]);
+            y[t * p + q] = (T)-sum;
+        }
+}
+
+/* The non-finite input gradients of channels [c0, c1) of one item: gx = sum f(w - x) * gy over
+ * the outputs whose window reads the pixel (gy: the item's output gradient, C_out/groups x P;
+ * f: see input_factor). */
+static void FN(repair_grad_input)(const adder_geometry *g, const T *x, const T *w, const T *gy,
+                                  T *gx, int64_t c0, int64_t c1, int exact)
+{
+    const int64_t cg_in = g->c_in / g->groups, cg_out = g->c_out / g->groups;
+    const int64_t p = g->h_out * g->w_out, k = cg_in * g->kh * g->kw;
+    if (!FN(any_nonfinite)(gx + c0 * g->h * g->w, (c1 - c0) * g->h * g->w))
+        return;
+    for (int64_t c = c0; c < c1; c++)
+        for (int64_t i = 0; i < g->h; i++)
+            for (int64_t j = 0; j < g->w; j++) {
+                T *out = gx + (c * g->h + i) * g->w + j;
+                if (isfinite(*out))
+                    continue;
+                const double xv = x[(c * g->h + i) * g->w + j];
+                double sum = 0;
+                for (int64_t u = 0; u < g->kh && !isnan(sum); u++) {
+                    const int64_t th = i + g->pad_h - u * g->dil_h, oh = th / g->stride_h;
+                    if (th < 0 || th % g->stride_h || oh >= g->h_out)
+                        continue;
+                    for (int64_t v = 0; v < g->kw; v++) {
+                        const int64_t tw = j + g->pad_w - v * g->dil_w, ow = tw / g->stride_w;
+                        if (tw < 0 || tw % g->stride_w || ow >= g->w_out)
+                            continue;
+                        for (int64_t t = 0; t < cg_out; t++)
+                            sum += input_factor(w[t * k + (c * g->kh + u) * g->kw + v] - xv,
+                                                exact) *
+                                   (double)gy[t * p + oh * g->w_out + ow];
+                    }
+                }
+                *out = (T)sum;
+            }
+}
+
+/* The non-finite weight gradients: gw[t][kk] = sum over images and positions of
+ * f(x - w[t][kk]) * gy (f: see weight_factor; x zero in the padding). */
+static void FN(repair_grad_weight)(const adder_geometry *g, const T *x, const T *w, const T *gy,
+                                   T *gw, int exact, int threads)
+{
+    const int64_t cg_in = g->c_in / g->groups, cg_out = g->c_out / g->groups;
+    const int64_t p = g->h_out * g->w_out, hw = g->h * g->w, k = cg_in * g->kh * g->kw;
+    if (!FN(any_nonfinite)(gw, g->c_out * k))
+        return;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t e = 0; e < g->c_out * k; e++) {
+        if (isfinite(gw[e]))
+            continue;
+        const int64_t t = e / k, c = e % k / (g->kh * g->kw);
+        const int64_t u = e % (g->kh * g->kw) / g->kw, v = e % g->kw;
+        const double wv = w[e];
+        double sum = 0;
+        for (int64_t n = 0; n < g->n && !isnan(sum); n++) {
+            const T *xn = x + (n * g->c_in + t / cg_out * cg_in) * hw;
+            const T *gn = gy + (n * g->c_out + t) * p;
+            for (int64_t q = 0; q < p; q++) {
+                const int64_t i = q / g->w_out * g->stride_h - g->pad_h + u * g->dil_h;
+                const int64_t j = q % g->w_out * g->stride_w - g->pad_w + v * g->dil_w;
+                sum += weight_factor(FN(input_at)(g, xn, c, i, j) - wv, exact) * (double)gn[q];
+            }
+        }
+        gw[e] = (T)sum;
+    }
+}
+
 /* ------------------------------------------------------------------------- forward ---- */
 
 /* Vectors of positions per forward panel (1..NV_MAX): the fewest padded positions, weighted
@@ -493,10 +646,13 @@ static int FN(forward_nv)(int64_t p)
  * Row kk of the unfolded input starts at buf + rows[kk]; wp: K x MR packed weights; colsum:
  * sum x per position; the first `nrows` channels and `np` positions are written to y (row
  * stride y_ld). The sum is accumulated with fma(min, 1, acc): on AMD Zen 4 min and add share
- * execution ports while FMA has its own, which doubles the throughput (neutral elsewhere). */
+ * execution ports while FMA has its own, which doubles the throughput (neutral elsewhere).
+ * Lanes of *nonfinite get bits set where a computed value (written or in the block's padding)
+ * is NaN or infinite: the identity can overflow or give inf - inf where the definition does not,
+ * so such outputs are recomputed (see repair_forward). */
 INLINE void FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, const T *wp,
                               int64_t k, const VEC *colsum, const T *wsum, int64_t nrows,
-                              int64_t np, T *y, int64_t y_ld, const int nv)
+                              int64_t np, T *y, int64_t y_ld, const int nv, IVEC *nonfinite)
 {
     const VEC one = VSET1(1);
     VEC acc[MR][NV_MAX];
@@ -524,18 +680,23 @@ INLINE void FN(forward_block)(const T *buf, const int64_t *rows, int64_t p0, con
         T part[NV_MAX * LANES];
         T *out = np == nv * LANES ? y + r * y_ld : part;
 #pragma GCC unroll 8
-        for (int v = 0; v < nv; v++)
-            VSTORE(out + v * LANES, acc[r][v] + acc[r][v] - colsum[v] - ws);
+        for (int v = 0; v < nv; v++) {
+            const VEC o = acc[r][v] + acc[r][v] - colsum[v] - ws;
+            *nonfinite |= (IVEC)(o - o); /* +0 when o is finite, NaN when not */
+            VSTORE(out + v * LANES, o);
+        }
         if (out == part)
             memcpy(y + r * y_ld, part, (size_t)np * sizeof(T));
     }
 }
 
-/* Output panels [b0, b1) of nv vectors of positions of one item (y: C_out/groups x P). */
-INLINE void FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
-                                  const T *wpack, const T *wsum, int64_t cg_out, int64_t p,
-                                  T *y, int64_t b0, int64_t b1, const int nv)
+/* Output panels [b0, b1) of nv vectors of positions of one item (y: C_out/groups x P);
+ * non-zero when a block computed a non-finite value. */
+INLINE int FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
+                                 const T *wpack, const T *wsum, int64_t cg_out, int64_t p, T *y,
+                                 int64_t b0, int64_t b1, const int nv)
 {
+    IVEC nonfinite = {0};
     for (int64_t b = b0; b < b1; b++) {
         const int64_t p0 = b * nv * LANES, np = min64(nv * LANES, p - p0);
         VEC colsum[NV_MAX];
@@ -546,30 +707,28 @@ INLINE void FN(forward_panels_nv)(const T *buf, const int64_t *rows, int64_t k,
                 colsum[v] += VLOAD(buf + rows[kk] + p0 + v * LANES);
         for (int64_t t0 = 0; t0 < cg_out; t0 += MR)
             FN(forward_block)(buf, rows, p0, wpack + t0 * k, k, colsum, wsum + t0,
-                              min64(MR, cg_out - t0), np, y + t0 * p + p0, p, nv);
+                              min64(MR, cg_out - t0), np, y + t0 * p + p0, p, nv, &nonfinite);
     }
+    return FN(any_lane)(nonfinite);
 }
 
-static void FN(forward_panels)(const T *buf, const int64_t *rows, int64_t k, const T *wpack,
-                               const T *wsum, int64_t cg_out, int64_t p, T *y, int64_t b0,
-                               int64_t b1, int nv)
+static int FN(forward_panels)(const T *buf, const int64_t *rows, int64_t k, const T *wpack,
+                              const T *wsum, int64_t cg_out, int64_t p, T *y, int64_t b0,
+                              int64_t b1, int nv)
 {
     switch (nv) {
 #if NV_MAX >= 4
     case 4:
-        FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 4);
-        break;
+        return FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 4);
 #endif
 #if NV_MAX >= 3
     case 3:
-        FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 3);
-        break;
+        return FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 3);
 #endif
     case 2:
-        FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 2);
-        break;
+        return FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 2);
     default:
-        FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 1);
+        return FN(forward_panels_nv)(buf, rows, k, wpack, wsum, cg_out, p, y, b0, b1, 1);
     }
 }
 
@@ -618,10 +777,12 @@ static int FN(forward)(const adder_geometry *g, const T *x, const T *w, T *y, in
                 const int64_t n = it / g->groups, gi = it % g->groups;
                 if (!buf)
                     continue;
-                FN(unfold)(g, &u, x + (n * g->c_in + gi * cg_in) * hw, buf, 0, cg_in);
-                FN(forward_panels)(buf, rows, k, wpack + gi * cg_out_pad * k,
-                                   wsum + gi * cg_out_pad, cg_out, p,
-                                   y + (n * g->c_out + gi * cg_out) * p, 0, panels, nv);
+                const T *x_item = x + (n * g->c_in + gi * cg_in) * hw;
+                T *y_item = y + (n * g->c_out + gi * cg_out) * p;
+                FN(unfold)(g, &u, x_item, buf, 0, cg_in);
+                if (FN(forward_panels)(buf, rows, k, wpack + gi * cg_out_pad * k,
+                                       wsum + gi * cg_out_pad, cg_out, p, y_item, 0, panels, nv))
+                    FN(repair_forward)(g, x_item, w + gi * cg_out * k, y_item, 0, p);
             }
             free(buf);
         } else {
@@ -630,11 +791,15 @@ static int FN(forward)(const adder_geometry *g, const T *x, const T *w, T *y, in
 #pragma omp for schedule(static)
                 for (int64_t c = 0; c < cg_in; c++)
                     FN(unfold)(g, &u, x + (n * g->c_in + gi * cg_in) * hw, shared_buf, c, c + 1);
+                const T *x_item = x + (n * g->c_in + gi * cg_in) * hw;
+                T *y_item = y + (n * g->c_out + gi * cg_out) * p;
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t b = 0; b < panels; b++)
-                    FN(forward_panels)(shared_buf, rows, k, wpack + gi * cg_out_pad * k,
-                                       wsum + gi * cg_out_pad, cg_out, p,
-                                       y + (n * g->c_out + gi * cg_out) * p, b, b + 1, nv);
+                    if (FN(forward_panels)(shared_buf, rows, k, wpack + gi * cg_out_pad * k,
+                                           wsum + gi * cg_out_pad, cg_out, p, y_item, b, b + 1,
+                                           nv))
+                        FN(repair_forward)(g, x_item, w + gi * cg_out * k, y_item,
+                                           b * nv * LANES, min64(p, (b + 1) * nv * LANES));
             }
         }
     }
@@ -655,7 +820,7 @@ INLINE void FN(grad_input_block)(const T *buf, const int64_t *rows, int64_t p0, 
                                  const int exact)
 {
     VEC xv[MRK][NVG], acc[MRK][NVG];
-    const VEC one = VSET1(1), minus_one = VSET1(-1);
+    const VEC minus_one = VSET1(-1);
 #pragma GCC unroll 8
     for (int r = 0; r < MRK; r++)
 #pragma GCC unroll 8
@@ -676,9 +841,9 @@ INLINE void FN(grad_input_block)(const T *buf, const int64_t *rows, int64_t p0, 
                 /* w - x as an FMA: keeps the min/max ports free (see forward_block). */
                 const VEC d = VFMA(xv[r][v], minus_one, wv);
                 if (exact)
-                    acc[r][v] += VSIGN_MUL(d, gv[v]);
+                    acc[r][v] = VFMA(VSIGN(d), gv[v], acc[r][v]);
                 else
-                    acc[r][v] = VFMA(VMIN(VMAX(d, minus_one), one), gv[v], acc[r][v]);
+                    acc[r][v] = VFMA(VHARDTANH(d), gv[v], acc[r][v]);
             }
         }
     }
@@ -738,7 +903,8 @@ INLINE void FN(grad_weight_block)(const T *buf, const int64_t *rows, const T *gt
 #pragma GCC unroll 8
             for (int j = 0; j < nt; j++) {
                 if (exact)
-                    a[r][j] += VSIGN_MUL(xb - VLOAD(wt + r * cg_pad + j * LANES), gv[j]);
+                    a[r][j] = VFMA(VSIGN(xb - VLOAD(wt + r * cg_pad + j * LANES)), gv[j],
+                                   a[r][j]);
                 else
                     a[r][j] = VFMA(xb, gv[j], a[r][j]);
             }
@@ -916,7 +1082,11 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
                     FN(grad_input_panels)(buf.x, rows, buf.gtile, ld,
                                           wpad + gi * cg_out * k_rows, k, k_rows, cg_out,
                                           buf.cols, exact, 0, panels);
-                    FN(col2im)(g, buf.cols, ld, gx + (n * g->c_in + gi * cg_in) * hw, 0, cg_in);
+                    T *gx_item = gx + (n * g->c_in + gi * cg_in) * hw;
+                    FN(col2im)(g, buf.cols, ld, gx_item, 0, cg_in);
+                    FN(repair_grad_input)(g, x + (n * g->c_in + gi * cg_in) * hw,
+                                          w + gi * cg_out * k, gy_item, gx_item, 0, cg_in,
+                                          exact);
                 }
                 if (gw) {
                     FN(transpose_rows)(gy_item, p, cg_out, buf.gt, cg_pad, 0, p);
@@ -955,10 +1125,14 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
                         FN(grad_input_panels)(buf.x, rows, buf.gtile, ld,
                                               wpad + gi * cg_out * k_rows, k, k_rows, cg_out,
                                               buf.cols, exact, b, b + 1);
+                    T *gx_item = gx + (n * g->c_in + gi * cg_in) * hw;
 #pragma omp for schedule(static)
-                    for (int64_t c = 0; c < cg_in; c++)
-                        FN(col2im)(g, buf.cols, ld, gx + (n * g->c_in + gi * cg_in) * hw, c,
-                                   c + 1);
+                    for (int64_t c = 0; c < cg_in; c++) {
+                        FN(col2im)(g, buf.cols, ld, gx_item, c, c + 1);
+                        FN(repair_grad_input)(g, x + (n * g->c_in + gi * cg_in) * hw,
+                                              w + gi * cg_out * k, gy_item, gx_item, c, c + 1,
+                                              exact);
+                    }
                 }
                 if (gw) {
 #pragma omp for schedule(static)
@@ -984,6 +1158,7 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
                 const T sum = acc_total[(t / cg_out * k_rows + kk) * cg_pad + t % cg_out];
                 gw[t * k + kk] = exact ? sum : sum - w[t * k + kk] * gsum[t];
             }
+        FN(repair_grad_weight)(g, x, w, gy, gw, exact, threads);
     }
     free(rows);
     free(wpad);
@@ -1024,7 +1199,8 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
 #undef VMIN
 #undef VMAX
 #undef VFMA
-#undef VSIGN_MUL
+#undef VHARDTANH
+#undef VSIGN
 #undef INLINE
 #undef SHORT_LOOPS
 

@@ -1,0 +1,106 @@
+"""Two builds of the compiled adder kernel in one process, their calls interleaved.
+
+On a busy machine, separate benchmark runs drift by more than a small change in the kernel
+costs; calling a saved build and the current one alternately on the same tensors in one
+process makes both see the same load. Times are the best process CPU time of ``--repeats``
+rounds (one thread) for the ResNet-20 adder layer shapes, forward and AdderNet backward.
+
+    cp src/adderquant/ops/_adder_kernel*.so /tmp/baseline.so     # before a change
+    # ... change and rebuild (make install) ...
+    python benchmarks/adder_kernel_ab.py --baseline /tmp/baseline.so
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from adderquant.ops import _kernel
+from adderquant.ops.adder import _geometry
+
+# name, input channels, output channels, input size, kernel, stride
+SHAPES = (
+    ("r20 16->16 3x3 s1 32x32", 16, 16, 32, 3, 1),
+    ("r20 16->32 3x3 s2 32x32", 16, 32, 32, 3, 2),
+    ("r20 32->32 3x3 s1 16x16", 32, 32, 16, 3, 1),
+    ("r20 32->64 3x3 s2 16x16", 32, 64, 16, 3, 2),
+    ("r20 64->64 3x3 s1 8x8", 64, 64, 8, 3, 1),
+    ("r20 16->32 1x1 s2 32x32", 16, 32, 32, 1, 2),
+    ("r20 32->64 1x1 s2 16x16", 32, 64, 16, 1, 2),
+)
+
+
+def open_build(path: str) -> ctypes.CDLL:
+    """The kernel library at ``path`` with its float32 functions declared."""
+    lib = ctypes.CDLL(path)
+    ptr, geom, i32 = ctypes.c_void_p, ctypes.POINTER(_kernel.Geometry), ctypes.c_int
+    lib.adder_forward_f32.argtypes = [geom, ptr, ptr, ptr, i32]
+    lib.adder_backward_f32.argtypes = [geom, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    return lib
+
+
+def best_times(call: Callable[[ctypes.CDLL], int], libs: list[ctypes.CDLL],
+               repeats: int) -> list[float]:
+    """Best CPU time of ``call(lib)`` for each library, the libraries called alternately."""
+    for lib in libs:
+        call(lib)
+    best = [math.inf] * len(libs)
+    for _ in range(repeats):
+        for i, lib in enumerate(libs):
+            start = time.process_time()
+            if call(lib):
+                raise RuntimeError("the adder kernel failed")
+            best[i] = min(best[i], time.process_time() - start)
+    return best
+
+
+def layer_calls(batch: int, c_in: int, c_out: int, size: int, k: int,
+                stride: int) -> dict[str, Callable[[ctypes.CDLL], int]]:
+    """The forward and the AdderNet backward call of one layer shape on random tensors."""
+    x = torch.randn(batch, c_in, size, size)
+    w = torch.randn(c_out, c_in, k, k)
+    geom = _geometry(x, w, stride, k // 2, 1, 1)
+    y = torch.empty(batch, c_out, geom.h_out, geom.w_out)
+    gy, gx, gw = torch.randn_like(y), torch.empty_like(x), torch.empty_like(w)
+    return {
+        "forward": lambda lib: lib.adder_forward_f32(
+            ctypes.byref(geom), x.data_ptr(), w.data_ptr(), y.data_ptr(), 1),
+        "backward": lambda lib: lib.adder_backward_f32(
+            ctypes.byref(geom), x.data_ptr(), w.data_ptr(), gy.data_ptr(), gx.data_ptr(),
+            gw.data_ptr(), 0, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="a saved _adder_kernel*.so")
+    parser.add_argument("--candidate", default=None,
+                        help="the build to compare (default: the installed one)")
+    parser.add_argument("--batch", type=int, default=32, help="images per call")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per measurement")
+    args = parser.parse_args()
+    candidate = args.candidate or _kernel.load_library()._name
+    libs = [open_build(args.baseline), open_build(candidate)]
+    ratios: dict[str, list[float]] = {"forward": [], "backward": []}
+    print(f"{'layer (ms per call, 1 thread)':30s} {'fwd base':>9s} {'new':>7s} {'ratio':>6s} "
+          f"{'bwd base':>9s} {'new':>7s} {'ratio':>6s}")
+    for name, c_in, c_out, size, k, stride in SHAPES:
+        calls = layer_calls(args.batch, c_in, c_out, size, k, stride)
+        cells = []
+        for kind, call in calls.items():
+            base, new = best_times(call, libs, args.repeats)
+            ratios[kind].append(new / base)
+            cells.append(f"{base * 1e3:9.2f} {new * 1e3:7.2f} {new / base:6.3f}")
+        print(f"{name:30s} {' '.join(cells)}")
+    mean = {kind: math.exp(sum(map(math.log, r)) / len(r)) for kind, r in ratios.items()}
+    print(f"geometric mean new/base: forward {mean['forward']:.3f}, "
+          f"backward {mean['backward']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
