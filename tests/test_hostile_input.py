@@ -255,6 +255,15 @@ def test_case09_ctrl_c_during_start_up_prints_one_line_and_exits_130(tmp_path):
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_case09_the_entry_point_imports_nothing_a_ctrl_c_could_cut(tmp_path):
+    """The console script imports ``adderquant.cli`` before ``main`` can catch anything: that
+    import must not load torch (whose import Ctrl-C would cut with a traceback)."""
+    code = "import sys, adderquant.cli; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_case09_ctrl_c_during_the_work_or_a_write_leaves_nothing_behind(
     tmp_path, fashion_root, monkeypatch, capsys
 ) -> None:

@@ -7,8 +7,6 @@ import importlib
 import signal
 import sys
 
-from adderquant.hub import OFFLINE_ENV, settings
-
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
 COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze",
             "models")
@@ -19,6 +17,8 @@ RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze")
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every sub-command, or with ``only`` one of them (which then imports
     only that command's dependencies)."""
+    from adderquant.hub import OFFLINE_ENV  # imports torch: keep `import adderquant.cli` light
+
     parser = argparse.ArgumentParser(
         prog="adderquant",
         description="Adder neural networks: evaluation, quantization, integer deployment.",
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = _build_parser_uninterrupted(command)
         args = parser.parse_args(argv)
         from adderquant.cli.validate import validate_args
+        from adderquant.hub import settings
 
         try:
             validate_args(args)
