@@ -86,7 +86,8 @@ def test_corrupted_dataset_exits_2(
 
 
 def test_limit_must_be_positive(shared_data_root: Path, released_checkpoint: Path, capsys) -> None:
-    code = main(["eval", "--limit", "0", "--data", str(shared_data_root),
-                 "--checkpoint", str(released_checkpoint)])
-    assert code == 2
-    assert "--limit must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--limit", "0", "--data", str(shared_data_root),
+              "--checkpoint", str(released_checkpoint)])
+    assert exc.value.code == 2
+    assert "argument --limit: must be an integer at least 1" in capsys.readouterr().err

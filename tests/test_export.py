@@ -19,7 +19,14 @@ from adderquant.engine import (
     load_package,
     lower,
 )
-from adderquant.engine.package import GRAPH_FILE, TENSOR_FILE, Package, validate
+from adderquant.engine.package import (
+    GRAPH_FILE,
+    MANIFEST_FILE,
+    PACKAGE_FILES,
+    TENSOR_FILE,
+    Package,
+    validate,
+)
 from adderquant.models import create_model
 from adderquant.quant.io import save_quantized
 from test_engine import input_thresholds, quantize_resnet
@@ -42,14 +49,19 @@ def package_dir(quantized, tmp_path):
     return tmp_path / "pkg"
 
 
-def rewrite(directory, graph: dict | None = None, tensors: dict | None = None) -> None:
-    """Rewrite a package with a consistent checksum (a deliberate, well-formed change)."""
+def rewrite(directory, graph: dict | str | None = None, tensors: dict | None = None) -> None:
+    """Rewrite a package (``graph``: a dict or the raw text of model.json) with a manifest
+    that matches (a deliberate, well-formed change)."""
     data = save_safetensors(tensors) if tensors is not None else (
         directory / TENSOR_FILE).read_bytes()
     (directory / TENSOR_FILE).write_bytes(data)
-    graph = graph if graph is not None else json.loads((directory / GRAPH_FILE).read_text())
-    graph["tensors_sha256"] = hashlib.sha256(data).hexdigest()
-    (directory / GRAPH_FILE).write_text(json.dumps(graph))
+    text = graph if isinstance(graph, str) else json.dumps(
+        graph if graph is not None else json.loads((directory / GRAPH_FILE).read_text()))
+    (directory / GRAPH_FILE).write_text(text)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest["sha256"] = {GRAPH_FILE: hashlib.sha256(text.encode()).hexdigest(),
+                          TENSOR_FILE: hashlib.sha256(data).hexdigest()}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 def test_round_trip_is_exact(quantized, package_dir):
@@ -63,7 +75,7 @@ def test_round_trip_is_exact(quantized, package_dir):
     assert torch.equal(load(package_dir)(x), IntegerEngine(original)(x))
     with torch.no_grad():
         assert torch.equal(fakequant_model(loaded)(x), quantized(x))
-    assert sorted(p.name for p in package_dir.iterdir()) == [GRAPH_FILE, TENSOR_FILE]
+    assert sorted(p.name for p in package_dir.iterdir()) == sorted(PACKAGE_FILES)
 
 
 def test_truncated_and_tampered_tensor_file(package_dir):
@@ -85,16 +97,22 @@ def test_truncated_and_tampered_tensor_file(package_dir):
 def test_bad_graph_files(package_dir):
     text = (package_dir / GRAPH_FILE).read_text()
     (package_dir / GRAPH_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(PackageError, match="SHA-256"):
+        load_package(package_dir)
+    rewrite(package_dir, text[: len(text) // 2])  # a matching manifest over a truncated file
     with pytest.raises(PackageError, match="not valid JSON"):
         load_package(package_dir)
     graph = json.loads(text)
     graph["version"] = 99
-    (package_dir / GRAPH_FILE).write_text(json.dumps(graph))
+    rewrite(package_dir, graph)
     with pytest.raises(PackageError, match="version 99"):
         load_package(package_dir)
-    graph["version"], graph["format"] = 1, "something-else"
-    (package_dir / GRAPH_FILE).write_text(json.dumps(graph))
+    graph["version"], graph["format"] = 2, "something-else"
+    rewrite(package_dir, graph)
     with pytest.raises(PackageError, match="not an"):
+        load_package(package_dir)
+    (package_dir / MANIFEST_FILE).unlink()
+    with pytest.raises(PackageError, match="older adderquant"):
         load_package(package_dir)
     (package_dir / GRAPH_FILE).unlink()
     with pytest.raises(PackageError, match="not a deployment package"):

@@ -35,8 +35,8 @@ def test_ptq_command_saves_a_model_that_loads_and_scores_the_same(
     assert all(len(e["group_sizes"]) == 2 for e in result["layers"])
     model, payload = load_quantized(out)
     assert payload["config"]["groups"] == 2
-    code = main(["ptq", "--method", "fp", "--json", *TINY,
-                 *model_args(shared_data_root, released_checkpoint)])
+    code = main(["ptq", "--method", "fp", "--json", "--limit", "40", "--batch-size", "40",
+                 "--no-progress", *model_args(shared_data_root, released_checkpoint)])
     assert code == 0 and json.loads(capsys.readouterr().out)["layers"] == []
 
 

@@ -113,7 +113,7 @@ def test_save_and_load_rebuild_the_quantized_model(model, calib, tmp_path) -> No
     assert payload["config"]["groups"] == "per-channel" and payload["model"] == "resnet20"
     assert loaded.get_submodule("layer2.0.conv1").num_groups == 32
     (tmp_path / "bad.pt").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="not a readable quantized model"):
+    with pytest.raises(ValueError, match="cannot read quantized model"):
         load_quantized(tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError):
         load_quantized(tmp_path / "missing.pt")

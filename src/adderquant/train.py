@@ -27,8 +27,18 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be positive and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number above 0, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of at least 0, got {value}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the model's weights are no longer usable."""
 
 
 def cosine_lr(base_lr: float, epoch: float, epochs: int) -> float:
@@ -68,6 +78,10 @@ def train(
                 group["lr"] = cosine_lr(cfg.lr, epoch + step / steps, cfg.epochs)
             logits = model(x)
             loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged: the loss became {float(loss.detach())} at epoch "
+                    f"{epoch + 1}, step {step + 1} (base learning rate {cfg.lr}); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

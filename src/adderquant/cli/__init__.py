@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-
-from adderquant.hub import OFFLINE_ENV, settings
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
 COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze",
@@ -18,6 +17,8 @@ RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze")
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every sub-command, or with ``only`` one of them (which then imports
     only that command's dependencies)."""
+    from adderquant.hub import OFFLINE_ENV  # imports torch: keep `import adderquant.cli` light
+
     parser = argparse.ArgumentParser(
         prog="adderquant",
         description="Adder neural networks: evaluation, quantization, integer deployment.",
@@ -32,20 +33,58 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+def _build_parser_uninterrupted(command: str | None) -> argparse.ArgumentParser:
+    """:func:`build_parser`, with Ctrl-C held back until its imports are done (a library
+    interrupted in the middle of its import can fail later in odd ways), then raised."""
+    pressed: list[int] = []
     try:
-        with settings(offline=getattr(args, "offline", False),
-                      progress=not getattr(args, "no_progress", False)):
-            return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except (FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
-        print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        return build_parser(command)
+    try:
+        parser = build_parser(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command: parse, validate every argument, then work. User errors exit 2 with one
+    line; Ctrl-C (even while starting) exits 130 with one line, leaving no file half written."""
+    argv_given = argv is not None
+    try:
+        argv = sys.argv[1:] if argv is None else argv
+        command = argv[0] if argv and argv[0] in COMMANDS else None
+        parser = _build_parser_uninterrupted(command)
+        args = parser.parse_args(argv)
+        from adderquant.cli.validate import validate_args
+        from adderquant.hub import settings
+
+        try:
+            validate_args(args)
+            with settings(offline=getattr(args, "offline", False),
+                          progress=not getattr(args, "no_progress", False)):
+                return int(args.func(args) or 0)
+        except (FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
+            print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        _say_interrupted(restore=argv_given)
+        return 130
+
+
+def _say_interrupted(restore: bool) -> None:
+    """Print the one line of an interrupted command, ignoring further Ctrl-C meanwhile, and
+    for the rest of the process when it runs as the program (``restore`` false)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = None
+    print("adderquant: interrupted", file=sys.stderr)
+    if restore and previous is not None:
+        signal.signal(signal.SIGINT, previous)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,13 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
+from adderquant._io import write_bytes_atomic, write_json_atomic
 from adderquant.cli.common import (
     add_model_args,
     build_model,
     dataset_name,
-    write_bytes_atomic,
-    write_json_atomic,
 )
+from adderquant.cli.validate import bit_width, positive_int
 from adderquant.quant.analysis import (
     ABLATION,
     FEATURE_VARIANTS,
@@ -57,14 +57,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--out", default="runs/analysis", metavar="DIR",
                    help="folder for NAME.md, NAME.json and NAME.png (default: %(default)s)")
-    p.add_argument("--sweep-bits", type=int, nargs="+", default=[6, 4],
+    p.add_argument("--sweep-bits", type=bit_width, nargs="+", default=[6, 4],
                    help="bit widths of the sweeps (default: %(default)s)")
     p.add_argument("--layers", nargs="+", default=DEFAULT_LAYERS,
                    help="layers for histograms (default: %(default)s)")
-    p.add_argument("--bn-images", type=int, default=2048,
+    p.add_argument("--bn-images", type=positive_int, default=2048,
                    help="images per source for the BatchNorm statistics (default: 2048)")
     add_config_args(p, method_names())
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, output_dirs={"out": output_files})
+
+
+def output_files(args: argparse.Namespace) -> list[str]:
+    """The files an analysis run writes in ``--out``."""
+    return [f"{name}.{ext}" for name in dict.fromkeys(args.names) for ext in ("md", "json", "png")]
 
 
 def run(args: argparse.Namespace) -> int:

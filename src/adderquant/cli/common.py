@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from adderquant.cli.validate import positive_int, thread_count
 from adderquant.data import DATASET_CLASSES, NORMALISATION, TensorLoader, load_dataset
 from adderquant.hub import checkpoint_path
 from adderquant.models import (
@@ -33,10 +30,11 @@ def add_model_args(p: argparse.ArgumentParser, adder_only: bool = True) -> None:
                    help="dataset root (default: $ADDERQUANT_DATA, ../shared/data, "
                    "/usr/share/datasets, the cache, else downloaded)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=250, help="evaluation batch size")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N test images (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--threads", type=thread_count, default=None,
+                   help="CPU threads (default: all)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -81,28 +79,9 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 def test_loader(args: argparse.Namespace) -> TensorLoader:
     """Batches of the test set of ``--dataset`` (its first ``--limit`` images if given)."""
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     images, labels = load_dataset(dataset_name(args), args.data, train=False)
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
     return TensorLoader(images, labels, dataset_name(args), batch_size=args.batch_size,
                         normalisation=normalisation(args))
 
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "official md5s apply unless $ADDERQUANT_CHECKSUMS declares others",
     )
     f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    f.set_defaults(func=run_fetch)
+    f.set_defaults(func=run_fetch, output_dirs={"to": ()})
 
 
 def run_fetch(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from adderquant.cli.common import write_bytes_atomic
+from adderquant._io import check_output_file, write_bytes_atomic
+from adderquant.cli.validate import positive_int
 from adderquant.engine.energy import (
     EnergyTable,
     cnn_twin,
@@ -24,12 +25,14 @@ from adderquant.models import ADDER_MODELS, create_model, model_record
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("energy", help="operation counts and energy per image (45 nm table)")
     p.add_argument("--model", default="resnet20", choices=ADDER_MODELS, help="architecture")
-    p.add_argument("--bits", default="8,6,5,4,3,2",
+    p.add_argument("--bits", type=parse_bits, default="8,6,5,4,3,2",
                    help="comma-separated bit widths of the quantized AdderNets")
-    p.add_argument("--groups", type=int, default=4, help="output-channel groups per layer")
-    p.add_argument("--table", default=None, metavar="JSON",
-                   help='energy per operation in pJ, e.g. {"int_add": {"8": 0.03, "32": 0.1}}; '
-                        "kinds not given keep the default 45 nm figures")
+    p.add_argument("--groups", type=positive_int, default=4,
+                   help="output-channel groups per layer")
+    p.add_argument("--table", type=parse_table, default=None, metavar="JSON",
+                   help='energy per operation in pJ, inline e.g. {"int_add": {"8": 0.03, '
+                        '"32": 0.1}} or the path of a JSON file holding it; kinds not given '
+                        "keep the default 45 nm figures")
     p.add_argument("--results", default=None, metavar="FILE",
                    help="results.json (a list of rows with method, bits, top1) to plot "
                         "against energy")
@@ -37,17 +40,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where to save the plot (default: energy_accuracy.png beside --results)")
     p.add_argument("--layers", action="store_true", help="also print every layer's operations")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, output_files=("plot",))
 
 
 def parse_bits(text: str) -> list[int]:
+    """An argparse type: comma-separated bit widths from 2 to 8."""
     try:
         bits = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError as e:
-        raise ValueError(f"--bits must be comma-separated integers, got {text!r}") from e
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
     if not bits or any(not 2 <= b <= 8 for b in bits):
-        raise ValueError(f"--bits must list widths from 2 to 8, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must list widths from 2 to 8, got {text!r}")
     return bits
+
+
+def parse_table(text: str) -> EnergyTable:
+    """An argparse type: an energy table, inline JSON or the path of a JSON file."""
+    try:
+        return EnergyTable.from_json(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def model_variants(name: str, bits: list[int], groups: int) -> dict[str, nn.Module]:
@@ -60,16 +73,18 @@ def model_variants(name: str, bits: list[int], groups: int) -> dict[str, nn.Modu
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.groups < 1:
-        raise ValueError(f"--groups must be at least 1, got {args.groups}")
-    table = EnergyTable.from_json(args.table) if args.table else EnergyTable()
+    table = args.table or EnergyTable()
+    plot = Path(args.plot) if args.plot else None
+    if args.results and plot is None:
+        plot = Path(args.results).with_name("energy_accuracy.png")
+        check_output_file(plot)
     shape = (1, *model_record(args.model).input_size)
     rows = {name: summarize(count_ops(m, shape), table)
-            for name, m in model_variants(args.model, parse_bits(args.bits), args.groups).items()}
+            for name, m in model_variants(args.model, args.bits, args.groups).items()}
     report = {"model": args.model, "groups": args.groups, "table_pj": table.entries,
               "models": rows}
     if args.results:
-        report["plot"] = str(plot_results(args.results, args.plot, rows))
+        report["plot"] = str(plot_results(args.results, plot, rows))
     if args.json:
         if not args.layers:
             for r in rows.values():
@@ -107,7 +122,7 @@ def energy_of_row(row: dict, rows: dict[str, dict]) -> float:
     return rows[key]["energy_uj"]
 
 
-def plot_results(results: str, plot: str | None, rows: dict[str, dict]) -> Path:
+def plot_results(results: str, out: Path, rows: dict[str, dict]) -> Path:
     """Plot top-1 against energy per image, one series per method; returns the PNG path."""
     import matplotlib
 
@@ -119,6 +134,11 @@ def plot_results(results: str, plot: str | None, rows: dict[str, dict]) -> Path:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--results {path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError:
+        raise ValueError(f"--results {path}: not a text file (expected results.json, a list of "
+                         "rows with method, bits, top1)") from None
+    except OSError as e:
+        raise ValueError(f"--results {path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, list) or not all(
             isinstance(r, dict) and {"method", "top1"} <= r.keys() for r in data):
         raise ValueError(f"--results {path}: expected a list of objects with method, bits, top1")
@@ -139,7 +159,6 @@ def plot_results(results: str, plot: str | None, rows: dict[str, dict]) -> Path:
     ax.set_ylabel("top-1 (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    out = Path(plot) if plot else path.with_name("energy_accuracy.png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from adderquant.cli.validate import positive_int, thread_count
 from adderquant.data import TensorLoader, load_dataset
 from adderquant.engine.engine import IntegerEngine
 from adderquant.engine.export import fakequant_model
@@ -30,10 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="full-precision weights for --engine float (default: the released)")
     p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N images only")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="first N images only")
     p.add_argument("--data", default=None, help="dataset root (default: the usual locations)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: all)")
     p.add_argument("--reference", choices=("float64", "float32", "none"), default="float64",
                    help="precision of the fake-quant model that agreement is measured against "
                         "(float64: its exact value; none: skip)")
@@ -68,8 +70,6 @@ def predict(fn: Callable, loader: TensorLoader, progress: bool, desc: str):
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     package = load_package(args.package)
     graph = package.graph
     dataset = graph.get("dataset") or model_record(graph["architecture"]).dataset

@@ -7,13 +7,13 @@ import argparse
 import json
 import time
 
+from adderquant._io import write_json_atomic
 from adderquant.cli.common import (
     add_model_args,
     build_model,
     dataset_name,
     num_classes,
     test_loader,
-    write_json_atomic,
 )
 from adderquant.evaluate import evaluate
 from adderquant.quant.config import add_config_args, config_from_args
@@ -35,12 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_args(p, method_names(), DEFAULT_METHOD)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, output_files=("out", "report"),
+                   config_defaults={"method": DEFAULT_METHOD})
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cfg = config_from_args(args, defaults={"method": DEFAULT_METHOD})
+    cfg = config_from_args(args, defaults=args.config_defaults)
     model = build_model(args)
     dataset = dataset_name(args)
     calib = CalibrationSet.from_config(cfg, dataset, args.data)

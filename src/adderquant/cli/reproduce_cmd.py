@@ -7,13 +7,13 @@ import argparse
 import time
 from pathlib import Path
 
+from adderquant._io import write_bytes_atomic, write_json_atomic
 from adderquant.cli.common import (
     add_model_args,
     build_model,
     dataset_name,
-    write_bytes_atomic,
-    write_json_atomic,
 )
+from adderquant.cli.validate import bit_width, non_negative_int, positive_int
 from adderquant.quant.analysis import (
     METRICS,
     Experiment,
@@ -26,6 +26,8 @@ from adderquant.quant.config import PTQConfig
 from adderquant.quant.methods import REPRODUCE_ROWS, select_rows
 from adderquant.quant.report import json_ready
 
+OUTPUT_FILES = ("table.md", "results.json", "accuracy_vs_bits.png", "agreement_vs_bits.png",
+                "kl_vs_bits.png")
 RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
               "bias_correction_batches")
 
@@ -42,38 +44,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/reproduce", metavar="DIR",
                    help="folder for table.md, results.json and the plots (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write the result rows here")
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4, 3, 2],
+    p.add_argument("--bits", type=bit_width, nargs="+", default=[8, 6, 5, 4, 3, 2],
                    help="bit widths (default: %(default)s)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="rows to run, or 'all' (default: "
                    + ", ".join(r.name for r in select_rows(None)) + "; on request: "
                    + ", ".join(r.name for r in REPRODUCE_ROWS if not r.default) + ")")
-    p.add_argument("--agreement-images", type=int, default=10000,
+    p.add_argument("--agreement-images", type=non_negative_int, default=10000,
                    help="last training images used for the agreement column (default: 10000)")
     defaults = PTQConfig()
     for name in RUN_FIELDS:
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int,
+                       default=getattr(defaults, name),
                        help=f"{name.replace('_', ' ')} of every row that does not set its own "
                        f"(default: %(default)s)")
     p.add_argument("--seed", type=int, nargs="+", default=[defaults.seed],
                    help="calibration seed(s); with several, every cell is the mean ± standard "
                    "deviation over them (default: %(default)s)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, output_files=("json",), output_dirs={"out": OUTPUT_FILES})
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows = select_rows(args.methods)
-    if args.agreement_images < 0:
-        raise ValueError("--agreement-images must be >= 0")
     base = PTQConfig(**{name: getattr(args, name) for name in RUN_FIELDS})
     model = build_model(args)
     exp = Experiment.load(model, dataset_name(args), args.data, args.limit,
                           agreement_images=args.agreement_images,
                           progress=not args.no_progress)
     exp.check_split(base)
-    if len(set(args.seed)) != len(args.seed):
-        raise ValueError(f"--seed values must differ, got {args.seed}")
     results = over_seeds([accuracy_table(exp, rows, args.bits, base.replace(seed=seed))
                           for seed in args.seed])
     out = Path(args.out)

@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from adderquant.cli.common import write_bytes_atomic
+from adderquant._io import write_bytes_atomic
+from adderquant.cli.validate import non_negative_float, positive_float, positive_int
 from adderquant.data import DATASET_CLASSES, TensorLoader, load_dataset
 from adderquant.evaluate import evaluate
 from adderquant.models import MODEL_NAMES, create_model
@@ -21,15 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=tuple(DATASET_CLASSES))
     p.add_argument("--data", default=None, help="dataset root (default: the usual locations)")
     p.add_argument("--out", required=True, help="where to save the trained state dict (.pth)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=positive_float, default=TrainConfig.lr,
+                   help="base learning rate, a finite number above 0 (default: %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=TrainConfig.weight_decay)
     p.add_argument("--augment", action="store_true", help="CIFAR crop + flip augmentation")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="train on the first N images only")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, output_files=("out",))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, augment=args.augment, seed=args.seed,
     )
     images, labels = load_dataset(args.dataset, args.data, train=True)
-    if args.limit:
+    if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
     torch.manual_seed(args.seed)
     model = create_model(args.model, DATASET_CLASSES[args.dataset])

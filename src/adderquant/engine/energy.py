@@ -65,13 +65,21 @@ class EnergyTable:
         default_factory=lambda: copy.deepcopy(DEFAULT_TABLE))
 
     @classmethod
-    def from_json(cls, path: str | Path) -> EnergyTable:
-        """The default table with the entries of a JSON file (``{"int_add": {"8": 0.03}}``)
-        replacing those of the same kind."""
+    def from_json(cls, source: str | Path) -> EnergyTable:
+        """The default table with the entries of a JSON object (``{"int_add": {"8": 0.03}}``),
+        given inline or as the path of a file holding it, replacing those of the same kind."""
+        text = str(source)
+        inline = not isinstance(source, Path) and text.lstrip().startswith("{")
+        path = "(inline JSON)" if inline else source
         try:
-            raw = json.loads(Path(path).read_text())
+            raw = json.loads(text if inline else Path(source).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"energy table {path}: not valid JSON ({e})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"energy table {path}: not a JSON text file") from e
+        except OSError as e:
+            raise ValueError(f"energy table {path}: cannot read it ({e.strerror or e}); give "
+                             "a JSON file or an inline JSON object") from e
         if not isinstance(raw, dict):
             raise ValueError(f"energy table {path}: expected an object of operation kinds")
         entries = copy.deepcopy(DEFAULT_TABLE)
@@ -84,7 +92,7 @@ class EnergyTable:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"energy table {path}: {kind} must map integer bit widths "
                                  f"to numbers of pJ") from e
-            if any(b < 1 or pj < 0 for b, pj in entries[kind].items()):
+            if any(b < 1 or not pj >= 0 or math.isinf(pj) for b, pj in entries[kind].items()):
                 raise ValueError(f"energy table {path}: {kind} needs positive widths and "
                                  "non-negative energies")
         return cls(entries)

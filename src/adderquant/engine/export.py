@@ -29,10 +29,12 @@ from adderquant.engine.package import (
     MAX_DIVISOR_BITS,
     VERSION,
     Package,
+    PackageError,
     save_package,
 )
 from adderquant.engine.requant import fixed_point
 from adderquant.models import create_model, model_record
+from adderquant.models.checkpoint import state_mismatch
 from adderquant.models.resnet_cifar import BasicBlock, CifarResNet
 from adderquant.quant import CodeRange, QuantAdder2d, replace_module
 
@@ -271,5 +273,11 @@ def fakequant_model(package: Package) -> nn.Module:
             CodeRange(int(info["bits"]), int(info["weight_ratio"])), info["stride"],
             info["padding"], info["dilation"], state[f"{name}.bias"])
         replace_module(model, name, layer)
-    model.load_state_dict({**state, **extra}, strict=True)
+    state = {**state, **extra}
+    problems = state_mismatch(model.state_dict(), state)
+    if problems:
+        raise PackageError("\n".join([
+            f"the fake-quant tensors of the package do not fit {graph['architecture']}:",
+            *problems, "  export the quantized model again"]))
+    model.load_state_dict({**model.state_dict(), **state}, strict=True)
     return model.eval()

@@ -1,9 +1,11 @@
 """The deployment package: ``model.json`` (graph, shapes, bit widths, version) beside
-``model.safetensors`` (every tensor), written atomically and checked fully on load.
+``model.safetensors`` (every tensor) and ``manifest.json`` (the SHA-256 of both), written
+atomically under a folder lock and checked fully on load.
 
-See docs/deployment.md for the format. Loading verifies the format name and version, the
-SHA-256 of the tensor file recorded in ``model.json``, that every tensor the graph needs is
-present with the right dtype and shape (and no other), and the range of every integer tensor.
+See docs/deployment.md for the format. Loading verifies the manifest (format, version and the
+SHA-256 of both files), that every tensor the graph needs is present with the right dtype and
+shape (and no other), that the shapes flow through the graph (every op gets the channels its
+layer was built for, the classifier ends at 1x1), and the range of every integer tensor.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adderquant.cli.common import write_bytes_atomic, write_json_atomic
+from adderquant._io import folder_lock, write_bytes_atomic
 from adderquant.engine.requant import LIMIT_BITS, MAX_SHIFT
 
 MAX_DIVISOR_BITS = 50
+FRAC_BITS_RANGE = (24, 48)
 
 FORMAT = "adderquant-integer-adder"
-VERSION = 1
+VERSION = 2
 GRAPH_FILE = "model.json"
 TENSOR_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+PACKAGE_FILES = (GRAPH_FILE, TENSOR_FILE, MANIFEST_FILE)
 
 DTYPES = {"uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
           "float32": torch.float32}
@@ -34,6 +39,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 OPS = ("stem", "float_to_codes", "float_to_fixed", "fixed_to_codes", "adder", "sums_to_codes",
        "sums_to_fixed", "head")
 BN_FIELDS = ("bn_weight", "bn_bias", "bn_mean", "bn_var")
+REEXPORT = "export the quantized model again (adderquant export MODEL --out DIR)"
 
 
 class PackageError(ValueError):
@@ -49,41 +55,80 @@ class Package:
 
 
 def save_package(package: Package, out_dir: str | Path) -> Path:
-    """Write ``model.safetensors`` then ``model.json`` (holding its SHA-256) into ``out_dir``."""
+    """Write ``model.safetensors``, ``model.json`` and last ``manifest.json`` (the SHA-256 of
+    both) into ``out_dir``, holding its lock so that a concurrent export fails instead of
+    mixing files."""
     validate(package)
-    out = Path(out_dir)
     data = save_safetensors({k: v.contiguous() for k, v in package.tensors.items()})
-    write_bytes_atomic(out / TENSOR_FILE, data)
-    write_json_atomic(out / GRAPH_FILE,
-                      {**package.graph, "tensors_sha256": hashlib.sha256(data).hexdigest()})
+    graph = (json.dumps(package.graph, indent=2) + "\n").encode()
+    manifest = {"format": FORMAT, "version": VERSION,
+                "sha256": {GRAPH_FILE: _sha256(graph), TENSOR_FILE: _sha256(data)}}
+    with folder_lock(out_dir) as out:
+        write_bytes_atomic(out / TENSOR_FILE, data)
+        write_bytes_atomic(out / GRAPH_FILE, graph)
+        write_bytes_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json(data: bytes, path: Path) -> object:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackageError(f"{path} is not valid JSON ({e}); the file is truncated or "
+                           f"corrupted: {REEXPORT}") from e
+
+
+def _check_format(obj: object, path: Path) -> None:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise PackageError(f"{path} is not an {FORMAT} package file")
+    if obj.get("version") != VERSION:
+        raise PackageError(f"{path} has format version {obj.get('version')!r}; this adderquant "
+                           f"reads version {VERSION}: {REEXPORT}")
+
+
+def read_manifest(d: Path) -> dict[str, str]:
+    """The SHA-256 per file recorded in ``d/manifest.json`` (checked for format and version)."""
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        graph_path = d / GRAPH_FILE
+        if graph_path.is_file() and (d / TENSOR_FILE).is_file():
+            raise PackageError(f"{d} has no {MANIFEST_FILE}: it was written by an older "
+                               f"adderquant (format version 1) or only in part; {REEXPORT}")
+        raise PackageError(f"{d} is not a deployment package: it needs {', '.join(PACKAGE_FILES)}"
+                           " (write one with `adderquant export MODEL --out DIR`)")
+    manifest = _json(path.read_bytes(), path)
+    _check_format(manifest, path)
+    sums = manifest.get("sha256")
+    if not isinstance(sums, dict) or set(sums) != {GRAPH_FILE, TENSOR_FILE}:
+        raise PackageError(f"{path} must record the SHA-256 of {GRAPH_FILE} and {TENSOR_FILE}; "
+                           f"{REEXPORT}")
+    return sums
 
 
 def load_package(directory: str | Path) -> Package:
     """Read and fully check a package written by :func:`save_package`."""
     d = Path(directory)
-    graph_path, tensor_path = d / GRAPH_FILE, d / TENSOR_FILE
-    if not graph_path.is_file() or not tensor_path.is_file():
-        raise PackageError(f"{d} is not a deployment package: it needs {GRAPH_FILE} and "
-                           f"{TENSOR_FILE} (write one with `adderquant export MODEL --out DIR`)")
+    sums = read_manifest(d)
+    contents = {}
+    for name in (GRAPH_FILE, TENSOR_FILE):
+        path = d / name
+        if not path.is_file():
+            raise PackageError(f"{d} is not a complete deployment package: {name} is missing; "
+                               f"{REEXPORT}")
+        contents[name] = path.read_bytes()
+        if _sha256(contents[name]) != sums[name]:
+            raise PackageError(f"{path} does not match the SHA-256 recorded in {MANIFEST_FILE} "
+                               f"(truncated, modified or from another export): {REEXPORT}")
+    graph = _json(contents[GRAPH_FILE], d / GRAPH_FILE)
+    _check_format(graph, d / GRAPH_FILE)
     try:
-        graph = json.loads(graph_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackageError(f"{graph_path} is not valid JSON ({e}); the file is truncated or "
-                           "corrupted: export the model again") from e
-    if not isinstance(graph, dict) or graph.get("format") != FORMAT:
-        raise PackageError(f"{graph_path} is not an {FORMAT} package description")
-    if graph.get("version") != VERSION:
-        raise PackageError(f"{graph_path} has format version {graph.get('version')!r}; this "
-                           f"adderquant reads version {VERSION}: export the model again")
-    data = tensor_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != graph.pop("tensors_sha256", None):
-        raise PackageError(f"{tensor_path} does not match the SHA-256 recorded in {GRAPH_FILE} "
-                           "(truncated, modified or from another export): export again")
-    try:
-        tensors = load_safetensors(data)
+        tensors = load_safetensors(contents[TENSOR_FILE])
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise PackageError(f"{tensor_path} cannot be read ({e})") from e
+        raise PackageError(f"{d / TENSOR_FILE} cannot be read ({e})") from e
     package = Package(graph, tensors)
     validate(package)
     return package
@@ -94,6 +139,7 @@ def validate(package: Package) -> None:
     try:
         spec = expected_tensors(package.graph)
         _check_graph(package.graph)
+        _check_shapes(package.graph)
     except (KeyError, TypeError, IndexError, ValueError) as e:
         if isinstance(e, PackageError):
             raise
@@ -174,6 +220,96 @@ def _check_graph(graph: dict) -> None:
         defined.add(op["output"])
     if not graph["ops"] or graph["ops"][-1]["output"] != "logits":
         raise PackageError("the graph must end with the op producing 'logits'")
+
+
+def _conv_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _pair(value: object, what: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise PackageError(f"{what} must be a list of two integers, got {value!r}")
+    return value[0], value[1]
+
+
+def _check_shapes(graph: dict) -> None:
+    """Follow the shape of every value through the graph: each op must get the channels and
+    kind of value (float, fixed-point stream, codes of its layer, sums of its layer) it was
+    built for, and the classifier must produce ``num_classes`` logits, so that a package that
+    loads also runs."""
+    layers = graph["layers"]
+    frac = graph["fixed_frac_bits"]
+    if not isinstance(frac, int) or not FRAC_BITS_RANGE[0] <= frac <= FRAC_BITS_RANGE[1]:
+        raise PackageError(f"fixed_frac_bits must be an integer in "
+                           f"{FRAC_BITS_RANGE[0]}..{FRAC_BITS_RANGE[1]}, got {frac!r}")
+    geometry = {}
+    for name, lay in layers.items():
+        kernel = _pair(lay["kernel"], f"layer {name}: kernel")
+        geometry[name] = (kernel, _pair(lay["stride"], f"layer {name}: stride"),
+                          _pair(lay["padding"], f"layer {name}: padding"))
+    c, h, w = (int(v) for v in graph["input_shape"])
+    values: dict[str, tuple[str, str | None, tuple[int, int, int]]] = {
+        "image": ("float", None, (c, h, w))}
+
+    def expect(i: int, op: dict, key: str, kind: str, layer: str | None = None):
+        got_kind, got_layer, shape = values[op[key]]
+        if got_kind != kind or (layer is not None and got_layer != layer):
+            want = f"{kind} of {layer}" if layer else kind
+            have = f"{got_kind} of {got_layer}" if got_layer else got_kind
+            raise PackageError(f"op {i} ({op['op']}) needs {want} as {key}, got {have}")
+        return shape
+
+    def channels(i: int, op: dict, layer: str, shape: tuple[int, int, int]) -> None:
+        if layers[layer]["in_channels"] != shape[0]:
+            raise PackageError(f"op {i} ({op['op']}): layer {layer} takes "
+                               f"{layers[layer]['in_channels']} input channels but gets "
+                               f"{shape[0]}; the package is inconsistent: {REEXPORT}")
+
+    for i, op in enumerate(graph["ops"]):
+        kind = op["op"]
+        if kind in ("stem", "head"):
+            x = expect(i, op, "input", "float" if kind == "stem" else "fixed")
+            if kind == "head":
+                pool = int(op["pool"])
+                x = (x[0], x[1] - pool + 1, x[2] - pool + 1)
+            k_out, k_in, kh, kw = (int(v) for v in op["weight_shape"])
+            (sh, sw), (ph, pw) = _pair(op["stride"], "stride"), _pair(op["padding"], "padding")
+            out = (k_out, _conv_size(x[1], kh, sh, ph), _conv_size(x[2], kw, sw, pw))
+            if k_in != x[0] or min(out[1:]) < 1 or min(sh, sw) < 1:
+                raise PackageError(f"op {i} ({kind}): weight {op['weight_shape']} does not fit "
+                                   f"its input of shape {list(x)}; {REEXPORT}")
+            if kind == "head" and (out[1:] != (1, 1) or k_out != graph["num_classes"]):
+                raise PackageError(f"op {i} (head) gives {list(out)} instead of "
+                                   f"{graph['num_classes']} logits; {REEXPORT}")
+            result = ("float", None, out)
+        elif kind == "float_to_fixed":
+            result = ("fixed", None, expect(i, op, "input", "float"))
+        elif kind in ("float_to_codes", "fixed_to_codes"):
+            x = expect(i, op, "input", "float" if kind == "float_to_codes" else "fixed")
+            channels(i, op, op["to"], x)
+            result = ("codes", op["to"], x)
+        elif kind == "adder":
+            x = expect(i, op, "input", "codes", op["layer"])
+            (kh, kw), (sh, sw), (ph, pw) = geometry[op["layer"]]
+            out = (layers[op["layer"]]["out_channels"], _conv_size(x[1], kh, sh, ph),
+                   _conv_size(x[2], kw, sw, pw))
+            if min(out[1:]) < 1:
+                raise PackageError(f"op {i} (adder): layer {op['layer']} gets a {x[1]}x{x[2]} "
+                                   f"input, too small for its kernel; {REEXPORT}")
+            result = ("sums", op["layer"], out)
+        else:
+            x = expect(i, op, "input", "sums", op["from"])
+            if kind == "sums_to_codes":
+                channels(i, op, op["to"], x)
+                result = ("codes", op["to"], x)
+            else:
+                if op.get("residual") and expect(i, op, "residual", "fixed") != x:
+                    raise PackageError(f"op {i} (sums_to_fixed): residual of shape "
+                                       f"{list(values[op['residual']][2])} cannot be added to "
+                                       f"{list(x)}; {REEXPORT}")
+                result = ("fixed", None, x)
+        values[op["output"]] = result
 
 
 def _check_ranges(graph: dict, tensors: dict[str, torch.Tensor]) -> None:

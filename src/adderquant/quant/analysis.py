@@ -9,6 +9,7 @@ rows, a Markdown table and writes one PNG.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import matplotlib
 import torch
 from torch import nn
 
+from adderquant._io import write_bytes_atomic
 from adderquant.data import TensorLoader, load_dataset
 from adderquant.quant.bn import batch_norms, model_device, reestimate_bn
 from adderquant.quant.calibrate import ActivationObserver
@@ -188,7 +190,11 @@ def accuracy_table(
     """Run every row at every bit width (a full-precision row once)."""
     results = []
     for row in rows:
-        for b in (row.bits and [x for x in bits if x in row.bits]) or [None]:
+        widths = [None] if row.bits is None else [x for x in bits if x in row.bits]
+        if not widths:
+            raise ValueError(f"row {row.name} runs at {list(row.bits)} bits, none of the "
+                             f"requested {list(bits)}")
+        for b in widths:
             cfg = base.replace(method=row.method, **row.overrides,
                                **({"bits": b} if b is not None else {}))
             _, result = exp.run(cfg)
@@ -288,13 +294,11 @@ def plot_accuracy_vs_bits(results: list[dict[str, Any]], path: str | Path,
 
 
 def _save(fig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- sweeps

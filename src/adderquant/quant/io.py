@@ -20,9 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from adderquant.cli.common import write_bytes_atomic
+from adderquant._io import write_bytes_atomic
 from adderquant.models import create_model
-from adderquant.models.checkpoint import tensors_with_bad_numbers
+from adderquant.models.checkpoint import (
+    CheckpointError,
+    load_tensors_only,
+    state_mismatch,
+    tensors_with_bad_numbers,
+)
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
 
@@ -57,9 +62,9 @@ def read_quantized(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no quantized model at {path}; create one with adderquant ptq")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path} is not a readable quantized model file: {e}") from None
+        payload = load_tensors_only(path, "quantized model")
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an adderquant quantized model (format {FORMAT!r})")
     if payload.get("version") != VERSION:
@@ -78,11 +83,21 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the quantized model saved at ``path``; returns ``(model in eval mode, payload)``."""
     payload = read_quantized(path)
     state = payload["state_dict"]
-    model = create_model(payload["model"], payload["num_classes"])
-    for name in adder_layers(model):
+    try:
+        model = create_model(payload["model"], payload["num_classes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: unknown architecture {payload.get('model')!r} with "
+                         f"{payload.get('num_classes')!r} classes ({e})") from None
+    for name, layer in adder_layers(model).items():
         prefix = f"{name}."
         if prefix + "weight_codes" not in state:
             continue
+        codes = state[prefix + "weight_codes"]
+        if not isinstance(codes, torch.Tensor) or codes.shape != layer.adder.shape:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes)
+            raise ValueError(f"{path}: layer {name} holds weight codes of shape {shape}, but "
+                             f"{payload['model']} needs {tuple(layer.adder.shape)}; the file "
+                             "is damaged or from another architecture: quantize again")
         missing = [b for b in _BUFFERS if prefix + b not in state]
         extra = state.get(prefix + "_extra_state")
         if missing or not isinstance(extra, dict):
@@ -95,5 +110,9 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             extra["stride"], extra["padding"], extra["dilation"], state[prefix + "bias"],
         )
         replace_module(model, name, quant)
-    model.load_state_dict(state, strict=True)
+    problems = state_mismatch(model.state_dict(), state)
+    if problems:
+        raise ValueError("\n".join([f"{path} does not fit {payload['model']}:", *problems,
+                                    "  the file is damaged or from another architecture"]))
+    model.load_state_dict({**model.state_dict(), **state}, strict=True)
     return model.eval(), payload
