@@ -14,7 +14,13 @@ from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import PTQConfig
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.layers import QuantAdder2d
-from adderquant.quant.methods import get_method, method_names, resolve_groups
+from adderquant.quant.methods import (
+    METHODS,
+    LayerCache,
+    get_method,
+    method_names,
+    resolve_groups,
+)
 
 
 def integer_reference(layer: QuantAdder2d, x: torch.Tensor) -> torch.Tensor:
@@ -216,3 +222,26 @@ def test_integer_kernel_path_hands_nan_and_inf_inputs_to_the_definition() -> Non
     assert torch.allclose(y[finite], expected[finite], rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="NaN or infinite"):
         codes_from_float(x, q.scale, q.zero_point, 4, ConvGeometry((3, 3), (1, 1), (1, 1)))
+
+
+def test_layer_cache_quantizes_each_layer_once_and_hands_out_copies(monkeypatch) -> None:
+    float_layer, _, x = make_layer([0, 1, 0, 1, 1, 0], [0.1, 0.2])
+    observer = ActivationObserver()
+    observer.update(x)
+    calls = []
+    original = METHODS["paper"]
+    monkeypatch.setitem(METHODS, "paper", lambda *args: calls.append(args[3]) or original(*args))
+    cache, cfg = LayerCache(), PTQConfig(method="paper", groups=2)
+    q1, r1 = cache.quantize("l", float_layer, observer, 4, cfg)
+    # the width comes from the argument: a configuration differing only in widths shares it
+    q2, r2 = cache.quantize("l", float_layer, observer, 4, cfg.replace(bits=6, avg_bits=5.0))
+    assert calls == [4] and q1 is not q2 and r1 == r2
+    direct, _ = original("l", float_layer, observer, 4, cfg)
+    for key, value in direct.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(q2.state_dict()[key], value), key
+    q1.bias += 1.0  # bias correction edits a model's layer in place; other copies keep theirs
+    assert torch.equal(q2.bias, direct.bias)
+    cache.quantize("l", float_layer, observer, 3, cfg)
+    cache.quantize("l", float_layer, observer, 4, cfg.replace(act_clip="max"))
+    assert calls == [4, 3, 4]

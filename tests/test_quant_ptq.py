@@ -145,7 +145,7 @@ def test_skipping_negligible_bn_batches_changes_statistics_by_at_most_their_weig
     # the bound of negligible_batches: the skipped batches and the initial value weigh (1 − m)^n
     from adderquant.quant.bn import negligible_batches
 
-    assert negligible_batches(202, 0.1, 1e-3) == 202 - 66  # 0.9^66 < 1e-3 <= 0.9^65
+    assert negligible_batches(202, 0.1, 1e-6) == 202 - 132  # 0.9^132 < 1e-6 <= 0.9^131
     assert negligible_batches(50, 0.1, 1e-4) == 0
     assert negligible_batches(202, None, 1e-4) == 0
     g = torch.Generator().manual_seed(0)

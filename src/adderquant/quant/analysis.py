@@ -28,7 +28,12 @@ from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import PER_CHANNEL, PTQConfig
 from adderquant.quant.grouping import FEATURES
 from adderquant.quant.layers import adder_layers
-from adderquant.quant.methods import FULL_PRECISION, ReproduceRow, activation_threshold
+from adderquant.quant.methods import (
+    FULL_PRECISION,
+    LayerCache,
+    ReproduceRow,
+    activation_threshold,
+)
 from adderquant.quant.ptq import CalibrationSet, collect_statistics, ptq
 
 matplotlib.use("Agg")
@@ -86,6 +91,7 @@ class Experiment:
     _agreement: Batches = field(default_factory=list)
     _reference: torch.Tensor | None = None
     _test_reference: torch.Tensor | None = None
+    _layers: LayerCache = field(default_factory=LayerCache)
 
     @classmethod
     def load(
@@ -154,7 +160,7 @@ class Experiment:
         else:
             observers = self.statistics(cfg)
             qmodel, report = ptq(self.model, self.calibration_set(cfg), cfg, observers,
-                                 self.progress)
+                                 self.progress, self._layers)
         labels = torch.cat([y for _, y in self.test])
         if self._test_reference is None:
             self._test_reference = predictions(self.model, self.test)

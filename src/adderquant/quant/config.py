@@ -58,8 +58,8 @@ class PTQConfig:
     bn_momentum: float | None = 0.1  # None: cumulative average
     bn_batches: int = 202
     # leading BatchNorm batches whose weight in the momentum average stays below this are not
-    # run (0: run all); 1e-3 runs the last 66 of 202 batches at momentum 0.1
-    bn_negligible_weight: float = 1e-3
+    # run (0: run all); 1e-6 runs the last 132 of 202 batches at momentum 0.1
+    bn_negligible_weight: float = 1e-6
     # per-channel bias correction of adder outputs, measured on the layer inputs of the
     # float or of the quantized model: none | float-input | quant-input
     bias_correction: str = "float-input"

@@ -13,6 +13,8 @@ activations). Other modules add theirs with :func:`register_method` and
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,43 @@ def register_method(name: str) -> Callable[[LayerQuantizer], LayerQuantizer]:
         return fn
 
     return add
+
+
+# Settings that choose a layer's bit width rather than how a layer is quantized at a width.
+WIDTH_FIELDS = ("bits", "layer_bits", "mixed_precision", "avg_bits")
+
+
+class LayerCache:
+    """Quantized layers of one float model by (layer, bits, the other settings), so that
+    configurations quantizing a layer the same way (a method's rows and the candidates of its
+    mixed-precision allocations) share the work. Hands out copies: later steps (bias
+    correction) change a layer in place."""
+
+    def __init__(self) -> None:
+        self._layers: dict[tuple, tuple[QuantAdder2d, dict[str, Any]]] = {}
+        self._observers: dict[int, ActivationObserver] = {}  # keeps the keys' ids valid
+
+    def quantize(
+        self, name: str, layer: Adder2d, observer: ActivationObserver, bits: int,
+        cfg: PTQConfig,
+    ) -> tuple[QuantAdder2d, dict[str, Any]]:
+        settings = {k: v for k, v in cfg.as_dict().items() if k not in WIDTH_FIELDS}
+        key = (name, bits, json.dumps(settings, sort_keys=True, default=str), id(observer))
+        if key not in self._layers:
+            self._layers[key] = get_method(cfg.method)(name, layer, observer, bits, cfg)
+            self._observers[id(observer)] = observer
+        quant, report = self._layers[key]
+        return copy.deepcopy(quant), copy.deepcopy(report)
+
+
+def quantize_layer(
+    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: PTQConfig,
+    cache: LayerCache | None = None,
+) -> tuple[QuantAdder2d, dict[str, Any]]:
+    """``layer`` quantized by ``cfg.method`` at ``bits`` (through ``cache`` if given)."""
+    if cache is not None:
+        return cache.quantize(name, layer, observer, bits, cfg)
+    return get_method(cfg.method)(name, layer, observer, bits, cfg)
 
 
 def get_method(name: str) -> LayerQuantizer:

@@ -29,7 +29,7 @@ from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import PTQConfig
 from adderquant.quant.grid import MAX_BITS, MIN_BITS
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
-from adderquant.quant.methods import get_method
+from adderquant.quant.methods import LayerCache, get_method, quantize_layer
 
 
 @torch.no_grad()
@@ -181,6 +181,7 @@ def allocate_mixed_precision(
     observers: dict[str, ActivationObserver],
     images: torch.Tensor,
     cfg: PTQConfig,
+    cache: LayerCache | None = None,
 ) -> tuple[dict[str, int], dict[str, Any], dict[str, tuple[QuantAdder2d, dict[str, Any]]]]:
     """Per-layer bits for ``cfg.bit_budget`` with ``cfg.method``. Returns the widths, a report
     (widths, sensitivities, output MSEs, operations, the average reached) and the layers
@@ -191,11 +192,12 @@ def allocate_mixed_precision(
         raise ValueError("mixed precision needs avg_bits (or mixed_precision with bits)")
     if cfg.layer_bits:
         raise ValueError("give either layer_bits or a mixed-precision budget, not both")
-    method = get_method(cfg.method)
+    get_method(cfg.method)  # an unknown method fails before any work
     bits = candidate_bits(budget)
     reference_bits = min(max(math.floor(budget), bits[0]), bits[-1])
     quantized = {
-        name: {b: method(name, copy.deepcopy(layer).cpu(), observers[name], b, cfg)
+        name: {b: quantize_layer(name, copy.deepcopy(layer).cpu(), observers[name], b, cfg,
+                                 cache)
                for b in bits}
         for name, layer in adder_layers(model).items()
     }

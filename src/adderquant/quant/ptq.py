@@ -31,7 +31,7 @@ from adderquant.quant.bn import correct_adder_bias, model_device, reestimate_bn
 from adderquant.quant.calibrate import ActivationObserver, calibrate
 from adderquant.quant.config import PTQConfig
 from adderquant.quant.layers import adder_layers, replace_module
-from adderquant.quant.methods import FULL_PRECISION, get_method
+from adderquant.quant.methods import FULL_PRECISION, LayerCache, get_method, quantize_layer
 from adderquant.quant.mixed import allocate_mixed_precision, first_images
 from adderquant.quant.report import add_sqnr
 
@@ -114,10 +114,11 @@ def quantize_model(
     observers: dict[str, ActivationObserver],
     cfg: PTQConfig,
     prepared: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None,
+    cache: LayerCache | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A copy of ``model`` whose adder layers are quantized by ``cfg.method``, and the
     per-layer reports (without SQNR); ``prepared`` holds layers already quantized (with
-    their reports) by name."""
+    their reports) by name; ``cache`` shares quantized layers between calls."""
     layers = adder_layers(model)
     if not layers:
         raise ValueError("the model has no adder layers (adderquant.nn.Adder2d) to quantize")
@@ -128,7 +129,7 @@ def quantize_model(
     missing = sorted(set(layers) - set(observers))
     if missing:
         raise ValueError(f"no calibration statistics for the adder layers {missing}")
-    method = get_method(cfg.method)
+    get_method(cfg.method)  # an unknown method fails before any work
     device = model_device(model)
     quantized = copy.deepcopy(model).cpu()
     reports = []
@@ -136,7 +137,8 @@ def quantize_model(
         if prepared and name in prepared:
             quant, report = prepared[name]
         else:
-            quant, report = method(name, layer, observers[name], cfg.bits_for(name), cfg)
+            quant, report = quantize_layer(name, layer, observers[name], cfg.bits_for(name),
+                                           cfg, cache)
         replace_module(quantized, name, quant.cpu())
         reports.append(report)
     return quantized.to(device).eval(), reports
@@ -148,13 +150,16 @@ def ptq(
     cfg: PTQConfig,
     observers: dict[str, ActivationObserver] | None = None,
     progress: bool = False,
+    cache: LayerCache | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize ``model`` after training; returns ``(quantized model, report)``.
 
     ``calib``: a :class:`CalibrationSet` or an iterable of ``(images, labels)`` batches.
     ``observers``: statistics from an earlier :func:`collect_statistics` with the same
-    calibration settings (skips the calibration pass). The report holds the configuration,
-    per-layer figures and the seconds spent in each step.
+    calibration settings (skips the calibration pass); ``cache``: a
+    :class:`~adderquant.quant.methods.LayerCache` shared by calls on the same model (a layer
+    quantized the same way is quantized once). The report holds the configuration, per-layer
+    figures and the seconds spent in each step.
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -171,7 +176,7 @@ def ptq(
         start = time.perf_counter()
         images = first_images(take_batches(calib, cfg.mp_images), cfg.mp_images)
         layer_bits, report["mixed_precision"], prepared = allocate_mixed_precision(
-            model, observers, images.to(model_device(model)), cfg
+            model, observers, images.to(model_device(model)), cfg, cache
         )
         cfg = cfg.replace(layer_bits=layer_bits)
         report["config"] = cfg.as_dict()
@@ -179,7 +184,7 @@ def ptq(
     else:
         prepared = None
     start = time.perf_counter()
-    qmodel, layers = quantize_model(model, observers, cfg, prepared)
+    qmodel, layers = quantize_model(model, observers, cfg, prepared, cache)
     seconds["quantize"] = time.perf_counter() - start
     if cfg.bias_correction != "none":
         start = time.perf_counter()
