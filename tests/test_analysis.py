@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adderquant.quant.analysis import format_accuracy_table, mean_kl, over_seeds
+from adderquant.models import create_model
+from adderquant.quant.analysis import format_accuracy_table, logits, mean_kl, over_seeds
 
 
 def test_mean_kl_matches_the_definition() -> None:
@@ -45,3 +46,20 @@ def test_over_seeds_gives_mean_sd_and_values() -> None:
     assert over_seeds([runs[0]]) == runs[0]
     with pytest.raises(ValueError, match="same rows"):
         over_seeds([runs[0], runs[1][::-1]])
+
+
+def test_logits_over_threads_keep_the_order_and_values_of_one_thread() -> None:
+    model = create_model("lenet5").eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 1, 28, 28, generator=gen), None) for n in (5, 3, 7, 2, 4)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = logits(model, batches)
+        torch.set_num_threads(2)
+        out = logits(model, batches)
+        assert torch.get_num_threads() == 2  # restored after the threaded pass
+    finally:
+        torch.set_num_threads(threads)
+    assert out.shape == (21, 10)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
