@@ -22,17 +22,7 @@ import torch
 
 from adderquant.ops import _kernel
 from adderquant.ops.adder import _geometry
-
-# name, input channels, output channels, input size, kernel, stride
-SHAPES = (
-    ("r20 16->16 3x3 s1 32x32", 16, 16, 32, 3, 1),
-    ("r20 16->32 3x3 s2 32x32", 16, 32, 32, 3, 2),
-    ("r20 32->32 3x3 s1 16x16", 32, 32, 16, 3, 1),
-    ("r20 32->64 3x3 s2 16x16", 32, 64, 16, 3, 2),
-    ("r20 64->64 3x3 s1 8x8", 64, 64, 8, 3, 1),
-    ("r20 16->32 1x1 s2 32x32", 16, 32, 32, 1, 2),
-    ("r20 32->64 1x1 s2 16x16", 32, 64, 16, 1, 2),
-)
+from resnet20_shapes import SHAPES
 
 
 def open_build(path: str) -> ctypes.CDLL:
@@ -89,7 +79,7 @@ def main() -> None:
     ratios: dict[str, list[float]] = {"forward": [], "backward": []}
     print(f"{'layer (ms per call, 1 thread)':30s} {'fwd base':>9s} {'new':>7s} {'ratio':>6s} "
           f"{'bwd base':>9s} {'new':>7s} {'ratio':>6s}")
-    for name, c_in, c_out, size, k, stride in SHAPES:
+    for name, c_in, c_out, k, stride, size in SHAPES:
         calls = layer_calls(args.batch, c_in, c_out, size, k, stride)
         cells = []
         for kind, call in calls.items():
