@@ -162,3 +162,12 @@ def test_skipping_negligible_bn_batches_changes_statistics_by_at_most_their_weig
             change = 0.5**10 * (head.state_dict()[name] - r0)  # (1 − m)^n·(r_j − r_0)
             assert torch.allclose(skipped.state_dict()[name], a - change, rtol=1e-5, atol=1e-6)
             assert torch.all(change.abs() <= 1e-3 * (head.state_dict()[name] - r0).abs())
+
+
+def test_unknown_method_fails_before_calibration() -> None:
+    def never_iterated():
+        raise AssertionError("calibration ran")
+        yield
+
+    with pytest.raises(ValueError, match="unknown quantization method 'papr'"):
+        ptq(create_model("lenet5"), never_iterated(), PTQConfig(method="papr"))

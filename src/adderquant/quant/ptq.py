@@ -162,6 +162,8 @@ def ptq(
     figures and the seconds spent in each step.
     """
     cfg.validate()
+    if cfg.method != FULL_PRECISION:
+        get_method(cfg.method)  # a misspelled method fails before the calibration pass
     torch.manual_seed(cfg.seed)
     model = model.eval()
     seconds: dict[str, float] = {}
