@@ -21,6 +21,7 @@ from adderquant.quant.methods import (
     method_names,
     resolve_groups,
 )
+from adderquant.quant.report import output_sqnr
 
 
 def integer_reference(layer: QuantAdder2d, x: torch.Tensor) -> torch.Tensor:
@@ -245,3 +246,15 @@ def test_layer_cache_quantizes_each_layer_once_and_hands_out_copies(monkeypatch)
     cache.quantize("l", float_layer, observer, 3, cfg)
     cache.quantize("l", float_layer, observer, 4, cfg.replace(act_clip="max"))
     assert calls == [4, 3, 4]
+
+
+def test_output_sqnr_follows_its_definition_and_its_limits() -> None:
+    float_layer, q, x = make_layer([0, 1, 0, 1, 1, 0], [0.1, 0.2])
+    with torch.no_grad():
+        y, y_hat = float_layer(x).double(), q(x).double()
+        signal = (y - y.mean(dim=(0, 2, 3), keepdim=True)).pow(2).sum()
+        expected = 10 * torch.log10(signal / (y - y_hat).pow(2).sum())
+        assert output_sqnr(float_layer, q, x) == pytest.approx(float(expected), rel=1e-9)
+        assert output_sqnr(float_layer, float_layer, x) == float("inf")
+        flat = torch.zeros_like(x)  # one value per channel: no signal, only the error
+        assert output_sqnr(float_layer, q, flat) == float("-inf")

@@ -171,3 +171,17 @@ def test_unknown_method_fails_before_calibration() -> None:
 
     with pytest.raises(ValueError, match="unknown quantization method 'papr'"):
         ptq(create_model("lenet5"), never_iterated(), PTQConfig(method="papr"))
+
+
+def test_ptq_leaves_the_callers_generator_and_training_mode_alone() -> None:
+    model = create_model("lenet5").train()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 1, 28, 28, generator=gen), None) for _ in range(2)]
+    cfg = PTQConfig(method="paper", bits=4, groups=2, calib_batches=2, report_images=4,
+                    bias_correction="none")
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    qmodel, _ = ptq(model, batches, cfg)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert model.training and not qmodel.training

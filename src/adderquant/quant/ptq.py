@@ -159,13 +159,31 @@ def ptq(
     calibration settings (skips the calibration pass); ``cache``: a
     :class:`~adderquant.quant.methods.LayerCache` shared by calls on the same model (a layer
     quantized the same way is quantized once). The report holds the configuration, per-layer
-    figures and the seconds spent in each step.
+    figures and the seconds spent in each step. The caller's random number generator and the
+    model's training mode are left as they were.
     """
     cfg.validate()
     if cfg.method != FULL_PRECISION:
         get_method(cfg.method)  # a misspelled method fails before the calibration pass
-    torch.manual_seed(cfg.seed)
-    model = model.eval()
+    training = model.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            return _quantize_after_training(model.eval(), calib, cfg, observers, progress,
+                                            cache)
+        finally:
+            model.train(training)
+
+
+def _quantize_after_training(
+    model: nn.Module,
+    calib: Calibration,
+    cfg: PTQConfig,
+    observers: dict[str, ActivationObserver] | None,
+    progress: bool,
+    cache: LayerCache | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The steps of :func:`ptq` on an eval-mode ``model``."""
     seconds: dict[str, float] = {}
     report: dict[str, Any] = {"config": cfg.as_dict(), "layers": [], "seconds": seconds}
     if cfg.method == FULL_PRECISION:

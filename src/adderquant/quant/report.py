@@ -35,6 +35,8 @@ def output_sqnr(float_layer: Adder2d, quant_layer: QuantAdder2d, x: torch.Tensor
     noise = (y - y_hat).pow(2).sum()
     if noise == 0:
         return float("inf")
+    if signal == 0:  # the float output does not vary: nothing but noise
+        return float("-inf")
     return 10.0 * math.log10(float(signal / noise))
 
 
