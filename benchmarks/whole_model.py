@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 
 import torch
 
@@ -24,19 +22,7 @@ from adderquant.models import create_model, load_pretrained, model_record
 from adderquant.quant import PTQConfig, ptq
 from adderquant.quant.config import METHOD_DEFAULTS
 from adderquant.quant.ptq import CalibrationSet
-
-
-@torch.no_grad()
-def timed(model: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
-          reps: int) -> tuple[float, torch.Tensor]:
-    """Fastest of ``reps`` passes over ``batches`` after one warm-up pass: (seconds, top-1)."""
-    model(batches[0])
-    best, preds = float("inf"), torch.empty(0)
-    for _ in range(reps):
-        start = time.perf_counter()
-        preds = torch.cat([model(x).argmax(dim=1) for x in batches])
-        best = min(best, time.perf_counter() - start)
-    return best, preds
+from passes import fastest_pass
 
 
 def main() -> None:
@@ -65,9 +51,9 @@ def main() -> None:
     engine = IntegerEngine(lower(qmodel, "resnet20", "cifar10"), threads=args.threads)
 
     runs = {
-        "int_adder": timed(engine, list(adder_x), args.reps),
-        "cnn_fp32": timed(cnn, list(cnn_x), args.reps),
-        "adder_fp32": timed(adder, list(adder_x), args.reps),
+        "int_adder": fastest_pass(engine, list(adder_x), args.reps),
+        "cnn_fp32": fastest_pass(cnn, list(cnn_x), args.reps),
+        "adder_fp32": fastest_pass(adder, list(adder_x), args.reps),
     }
     n = len(labels)
     ips = {k: n / t for k, (t, _) in runs.items()}

@@ -168,7 +168,7 @@ def test_export_rejects_float_layers():
         lower(create_model("lenet5"), "lenet5")
 
 
-def test_export_and_infer_commands(quantized, tmp_path, capsys):
+def test_export_and_infer_commands(quantized, tmp_path, capsys, cifar10_dir):
     save_quantized(tmp_path / "q.pt", quantized, "resnet20", 10, {"bits": 4})
     out = tmp_path / "pkg"
     assert main(["export", str(tmp_path / "q.pt"), "--out", str(out), "--json"]) == 0

@@ -134,7 +134,7 @@ def _check_reproduce(args: argparse.Namespace) -> None:
     if len(set(args.seed)) != len(args.seed):
         raise UsageError(f"--seed values must differ, got {args.seed}")
     for row in select_rows(args.methods):
-        if row.bits is not None and not set(args.bits) & set(row.bits):
+        if not row.widths(args.bits):
             raise UsageError(f"row {row.name} runs at {list(row.bits)} bits, none of --bits "
                              f"{' '.join(map(str, args.bits))}; add one of them or drop the row")
 

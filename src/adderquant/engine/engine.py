@@ -29,6 +29,7 @@ from adderquant.engine.requant import (
     requant_fixed,
 )
 from adderquant.engine.sad import ConvGeometry, sad_conv2d_packed
+from adderquant.quant.grid import distinct_grids
 
 FLOAT_OPS = ("stem", "head")
 
@@ -85,8 +86,7 @@ class IntegerEngine:
         lay = self.graph["layers"][name]
         codes = self.t[f"{name}.weight_codes"]
         zero = self.t[f"{name}.zero_point"]
-        pairs = torch.stack([self.t[f"{name}.scale"].double(), zero.double()], dim=1)
-        _, grid_of_group = torch.unique(pairs, dim=0, return_inverse=True)
+        _, _, grid_of_group = distinct_grids(self.t[f"{name}.scale"], zero)
         grids = int(grid_of_group.max()) + 1
         first = torch.tensor([int(torch.nonzero(grid_of_group == j)[0]) for j in range(grids)])
         grid_of_channel = grid_of_group[self.t[f"{name}.group"].long()]

@@ -37,6 +37,7 @@ from adderquant.models import create_model, model_record
 from adderquant.models.checkpoint import state_mismatch
 from adderquant.models.resnet_cifar import BasicBlock, CifarResNet
 from adderquant.quant import CodeRange, QuantAdder2d, replace_module
+from adderquant.quant.grid import byte_weights
 
 FRAC_BITS = 40
 
@@ -78,9 +79,8 @@ class _Lowering:
         if int(z.min()) < 0 or int(z.max()) > qmax:
             raise ValueError(f"{name}: zero points must be activation codes (0..{qmax}) so that "
                              "the padding value 0 has a code")
-        v = codes.weight_ratio * layer.weight_codes.long()
-        v_clamped = v.clamp(0, qmax)
-        excess = _f64((v - v_clamped).abs().flatten(1).sum(1))
+        v_clamped, excess = byte_weights(layer.weight_codes, codes)
+        excess = _f64(excess)
         step = _f64(layer.scale)[layer.group.numpy()]
         self.output_affine[name] = (
             -step, -step * excess + _f64(layer.clamp_bias) + _f64(layer.bias))

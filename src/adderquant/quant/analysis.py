@@ -175,8 +175,9 @@ class Experiment:
         there (``agreement``, ``kl`` in nats; if agreement images were asked for), mean layer
         SQNR and seconds."""
         start = time.perf_counter()
-        if cfg.method == FULL_PRECISION:
-            qmodel, report = self.model, {"layers": []}
+        float_row = cfg.method == FULL_PRECISION  # its outputs are the references
+        if float_row:
+            qmodel, report = copy.deepcopy(self.model), {"layers": []}
         else:
             observers = self.statistics(cfg)
             qmodel, report = ptq(self.model, self.calibration_set(cfg), cfg, observers,
@@ -184,8 +185,7 @@ class Experiment:
         labels = torch.cat([y for _, y in self.test])
         if self._test_reference is None:
             self._test_reference = predictions(self.model, self.test)
-        predicted = (self._test_reference if qmodel is self.model
-                     else predictions(qmodel, self.test))
+        predicted = self._test_reference if float_row else predictions(qmodel, self.test)
         row: dict[str, Any] = {
             "method": cfg.method, "bits": cfg.bits,
             "top1": 100.0 * float((predicted == labels).float().mean()),
@@ -193,12 +193,10 @@ class Experiment:
         }
         if self.agreement_images:
             batches, reference = self.agreement_batches()
-            out = reference if qmodel is self.model else logits(qmodel, batches)
+            out = reference if float_row else logits(qmodel, batches)
             row["agreement"] = 100.0 * float(
                 (out.argmax(dim=1) == reference.argmax(dim=1)).float().mean())
             row["kl"] = mean_kl(reference, out)
-        if qmodel is self.model:
-            qmodel = copy.deepcopy(self.model)
         sqnr = [e["sqnr_db"] for e in report["layers"] if "sqnr_db" in e]
         if sqnr:
             row["mean_sqnr_db"] = sum(sqnr) / len(sqnr)
@@ -216,7 +214,7 @@ def accuracy_table(
     """Run every row at every bit width (a full-precision row once)."""
     results = []
     for row in rows:
-        widths = [None] if row.bits is None else [x for x in bits if x in row.bits]
+        widths = row.widths(bits)
         if not widths:
             raise ValueError(f"row {row.name} runs at {list(row.bits)} bits, none of the "
                              f"requested {list(bits)}")

@@ -82,3 +82,25 @@ def dequant_weight(
 ) -> torch.Tensor:
     """``Δ·(r·q_w − z)``."""
     return (codes.weight_ratio * q - zero_point) * scale
+
+
+def distinct_grids(
+    scale: torch.Tensor, zero_point: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct ``(Δ, z)`` grids of a layer's groups: their steps (dtype of ``scale``),
+    zero points (float64) and the grid of every group. Groups on one grid share the codes of
+    their input."""
+    pairs = torch.stack([scale.double(), zero_point.double()], dim=1)
+    grids, grid_of_group = torch.unique(pairs, dim=0, return_inverse=True)
+    return grids[:, 0].to(scale.dtype), grids[:, 1], grid_of_group
+
+
+def byte_weights(weight_codes: torch.Tensor, codes: CodeRange) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight values ``v = r·q_w`` clamped into the activation codes ``[0, 2^b − 1]``
+    (int64, same shape) and the excess ``Σ|v − clamp(v)|`` of every filter (int64): for every
+    activation code ``q_x``, ``|q_x − v| = |q_x − clamp(v)| + |v − clamp(v)|``, so a SAD over
+    bytes plus the excess is exact."""
+    v = codes.weight_ratio * weight_codes.long()
+    clamped = v.clamp(0, codes.act_max)
+    return clamped, (v - clamped).abs().flatten(1).sum(1)
+

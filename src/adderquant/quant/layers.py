@@ -34,7 +34,9 @@ from adderquant.ops import adder2d
 from adderquant.quant.clamp import lossless_clamp
 from adderquant.quant.grid import (
     CodeRange,
+    byte_weights,
     dequant_weight,
+    distinct_grids,
     fake_quant_act,
     weight_codes,
 )
@@ -139,9 +141,8 @@ class QuantAdder2d(nn.Module):
     def _grids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The distinct ``(scale, zero point)`` grids of the groups: their scales, zero points
         and the grid of every output channel. Groups on one grid are computed together."""
-        pairs = torch.stack([self.scale.double(), self.zero_point.double()], dim=1)
-        grids, grid_of_group = torch.unique(pairs, dim=0, return_inverse=True)
-        return grids[:, 0].to(self.scale.dtype), grids[:, 1], grid_of_group[self.group]
+        scales, zero_points, grid_of_group = distinct_grids(self.scale, self.zero_point)
+        return scales, zero_points, grid_of_group[self.group]
 
     @staticmethod
     def _stacked_slots(label: torch.Tensor, g: int) -> tuple[torch.Tensor, int]:
@@ -255,10 +256,8 @@ class QuantAdder2d(nn.Module):
 
 @dataclass(frozen=True)
 class _SadPlan:
-    """A layer's operands for the SAD kernel. Activation codes lie in ``[0, 2^b − 1]``, so a
-    weight value ``v = r·q_w`` outside that range is clamped into it and its excess
-    ``|v − clamp(v)|`` (the same for every input code) is added to the channel's sum:
-    ``|q_x − v| = |q_x − clamp(v)| + |v − clamp(v)|``. Then every operand is a byte."""
+    """A layer's operands for the SAD kernel: byte weights and their excess
+    (:func:`~adderquant.quant.grid.byte_weights`), one set of filters per grid."""
 
     key: tuple
     scales: torch.Tensor  # float32 (G'): the distinct grids
@@ -275,8 +274,7 @@ class _SadPlan:
         from adderquant.engine.sad import ConvGeometry
 
         scales, zero_points, label = layer._grids()
-        v = layer.codes.weight_ratio * layer.weight_codes.long()
-        clamped = v.clamp(0, layer.codes.act_max)
+        clamped, excess = byte_weights(layer.weight_codes, layer.codes)
         channels = [torch.nonzero(label == j).flatten() for j in range(len(scales))]
         return cls(
             key=key,
@@ -284,7 +282,7 @@ class _SadPlan:
             zero_points=zero_points.to(torch.int32),
             channels=[c.to(torch.int32) for c in channels],
             weights=[clamped[c].to(torch.uint8).contiguous() for c in channels],
-            excess=(v - clamped).abs().flatten(1).sum(1).to(torch.int32),
+            excess=excess.to(torch.int32),
             step=-scales[label].float(),
             geometry=ConvGeometry(tuple(layer.weight_codes.shape[2:]), layer.stride,
                                   layer.padding),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,11 @@ class ReproduceRow:
     overrides: dict[str, Any] = field(default_factory=dict)
     bits: tuple[int, ...] | None = (8, 6, 5, 4, 3, 2)
     default: bool = True
+
+    def widths(self, requested: Sequence[int]) -> list[int | None]:
+        """The requested widths this row runs at (``[None]`` for a row run once; empty when
+        it runs at none of them)."""
+        return [None] if self.bits is None else [b for b in requested if b in self.bits]
 
 
 REPRODUCE_ROWS: list[ReproduceRow] = []

@@ -29,7 +29,7 @@ from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import PTQConfig
 from adderquant.quant.grid import MAX_BITS, MIN_BITS
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
-from adderquant.quant.methods import LayerCache, get_method, quantize_layer
+from adderquant.quant.methods import LayerCache, quantize_layer
 
 
 @torch.no_grad()
@@ -192,7 +192,6 @@ def allocate_mixed_precision(
         raise ValueError("mixed precision needs avg_bits (or mixed_precision with bits)")
     if cfg.layer_bits:
         raise ValueError("give either layer_bits or a mixed-precision budget, not both")
-    get_method(cfg.method)  # an unknown method fails before any work
     bits = candidate_bits(budget)
     reference_bits = min(max(math.floor(budget), bits[0]), bits[-1])
     quantized = {
