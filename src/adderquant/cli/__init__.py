@@ -9,9 +9,9 @@ import sys
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
 COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze",
-            "models")
+            "models", "compare")
 # Commands that may look up (and download) a checkpoint or a dataset.
-RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze")
+RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze", "compare")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

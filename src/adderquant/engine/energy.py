@@ -10,12 +10,19 @@ Counting rules (per image, from one forward pass on a dummy input with module ho
   (K = C_in·kH·kW terms per output, the widest exact sum); plus the quantization of its input
   onto each group grid: G × input elements × (one 32-bit multiply + one 32-bit add), the
   fixed-point requantization that produces the codes.
+- ``QuantConv2d`` (a CNN convolution on b-bit codes, BatchNorm folded): per term one b-bit
+  integer multiply and one accumulation at ``ceil(log2(K·2^(b−1)·(2^b−1)+1)) + 1`` bits (the
+  widest signed sum of K products of a signed weight code and an unsigned input code); per
+  output one 32-bit multiply and one 32-bit add (the per-channel rescale and the folded bias);
+  plus the quantization of its input onto its grid: input elements × (one 32-bit multiply +
+  one 32-bit add), as for an adder layer of one group.
 - ``BatchNorm``: free when it follows a multiplicative layer (``Conv2d``/``Linear``: folded into
   its weights); otherwise one multiply and one add per element, float32 after a float layer and
   32-bit integer after a quantized one (the per-channel rescale of the integer sums).
 - Residual additions (tensor additions outside every counted module): one addition per
   element, float32, or 32-bit integer in a model with quantized adder layers.
-- Average pooling: one addition per input element and one multiply per output, float32.
+- Average pooling (module or functional): one addition per input element and one multiply per
+  output, float32.
   Max pooling: one comparison, counted as an addition, per input element of each window.
 - ReLU and reshapes: free (a sign test, data movement).
 
@@ -39,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 from adderquant.nn import Adder2d
 from adderquant.quant import CodeRange, QuantAdder2d, replace_module
+from adderquant.quant.cnn import QuantConv2d
 
 # pJ per operation, 45 nm (Horowitz, ISSCC 2014), keyed by operation kind and bit width.
 DEFAULT_TABLE: dict[str, dict[int, float]] = {
@@ -138,12 +147,21 @@ def accumulator_bits(terms: int, bits: int) -> int:
     return max(1, math.ceil(math.log2(terms * ((1 << bits) - 1) + 1)))
 
 
+def conv_accumulator_bits(terms: int, bits: int) -> int:
+    """Width of the widest exact signed sum of ``terms`` products of a signed ``bits``-bit
+    weight code and an unsigned ``bits``-bit input code."""
+    largest = terms * (1 << (bits - 1)) * ((1 << bits) - 1)
+    return math.ceil(math.log2(largest + 1)) + 1
+
+
 def _terms(module: nn.Module, out: torch.Tensor) -> int:
     """(output, input, tap) triples of a convolution-like module for one image."""
     if isinstance(module, nn.Linear):
         return out[0].numel() * module.in_features
     if isinstance(module, QuantAdder2d):
         per_output = module.weight_codes[0].numel()
+    elif isinstance(module, QuantConv2d):
+        per_output = module.weight[0].numel()
     elif isinstance(module, Adder2d):
         per_output = module.adder[0].numel()
     else:
@@ -152,7 +170,8 @@ def _terms(module: nn.Module, out: torch.Tensor) -> int:
 
 
 MULTIPLICATIVE = (nn.Conv2d, nn.Linear)
-COUNTED = MULTIPLICATIVE + (Adder2d, QuantAdder2d, nn.modules.batchnorm._BatchNorm,
+INTEGER = (QuantAdder2d, QuantConv2d)
+COUNTED = MULTIPLICATIVE + INTEGER + (Adder2d, nn.modules.batchnorm._BatchNorm,
                             nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)
 
 
@@ -191,6 +210,12 @@ class _Counter:
             layer.add("int_add", accumulator_bits(m.weight_codes[0].numel(), b), terms)
             layer.add("int_mul", 32, m.num_groups * x[0].numel())
             layer.add("int_add", 32, m.num_groups * x[0].numel())
+        elif isinstance(m, QuantConv2d):
+            terms = _terms(m, out)
+            layer.add("int_mul", m.bits, terms)
+            layer.add("int_add", conv_accumulator_bits(m.weight[0].numel(), m.bits), terms)
+            for op in ("int_mul", "int_add"):
+                layer.add(op, 32, elems + x[0].numel())
         elif isinstance(m, Adder2d):
             terms = _terms(m, out)
             layer.add("float_add", 32, 2 * terms)
@@ -202,9 +227,13 @@ class _Counter:
                 layer.add(f"{kind}_add", 32, elems)
         elif isinstance(m, nn.MaxPool2d):
             layer.add("float_add", 32, elems * math.prod(_pair(m.kernel_size)))
-        else:  # average pooling
-            layer.add("float_add", 32, x[0].numel())
-            layer.add("float_mul", 32, elems)
+        else:
+            _count_average_pool(layer, x, out)
+
+    def functional_pool(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        layer = LayerOps(f"pool{sum(lo.kind == 'pool' for lo in self.layers)}", "pool")
+        _count_average_pool(layer, x, out)
+        self.layers.append(layer)
 
     def residual(self, out: torch.Tensor) -> None:
         layer = LayerOps(f"residual{sum(lo.kind == 'add' for lo in self.layers)}", "add")
@@ -212,12 +241,19 @@ class _Counter:
         self.layers.append(layer)
 
 
+def _count_average_pool(layer: LayerOps, x: torch.Tensor, out: torch.Tensor) -> None:
+    layer.add("float_add", 32, x[0].numel())
+    layer.add("float_mul", 32, out[0].numel())
+
+
+_POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d}
 _ADD_FUNCTIONS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
                   torch.Tensor.__iadd__, torch.Tensor.__radd__}
 
 
 class _ResidualAdds(TorchFunctionMode):
-    """Counts additions of two same-shaped tensors made outside every counted module."""
+    """Counts additions of two same-shaped tensors and functional average pooling made
+    outside every counted module."""
 
     def __init__(self, counter: _Counter) -> None:
         super().__init__()
@@ -229,6 +265,8 @@ class _ResidualAdds(TorchFunctionMode):
         if (func in _ADD_FUNCTIONS and self.counter.depth == 0 and len(tensors) == 2
                 and tensors[0].shape == tensors[1].shape):
             self.counter.residual(out)
+        elif func in _POOL_FUNCTIONS and self.counter.depth == 0:
+            self.counter.functional_pool(tensors[0], out)
         return out
 
 
@@ -237,7 +275,7 @@ def count_ops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -
     """Operations per image of every counted module and residual addition of ``model``."""
     if input_shape[0] != 1:
         raise ValueError("count operations on one image: input_shape must start with 1")
-    integer = any(isinstance(m, QuantAdder2d) for m in model.modules())
+    integer = any(isinstance(m, INTEGER) for m in model.modules())
     counter = _Counter(integer_residuals=integer)
     handles = []
     for name, m in model.named_modules():

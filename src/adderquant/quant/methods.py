@@ -263,4 +263,5 @@ for _row in (
     register_reproduce_row(_row)
 
 # The project's own method registers itself (and its reproduce rows) on import.
+import adderquant.quant.qssf_repaired  # noqa: E402, F401
 import adderquant.quant.samegrid  # noqa: E402, F401

@@ -1,0 +1,309 @@
+"""Post-training quantization of a CNN with the standard methods, W = A bits.
+
+Pipeline: fold BatchNorm into the convolutions → one calibration pass over the float model
+recording every quantized convolution's input (:class:`ActivationObserver`: exact min/max, a
+per-batch percentile, a value sample, the inputs of the first images) → per layer, the weight
+quantizer of the method, the input threshold ``A`` of the method, optionally learned rounding
+and bias correction, both computed from the kept inputs. The first convolution (it sees the
+image) and every ``Linear`` stay in full precision, as the first convolution and the classifier
+of the adder models do.
+
+Methods (:data:`CNN_METHODS`):
+
+- ``minmax``: per-tensor weight scale from ``max|W|``, ``A = max x``;
+- ``percentile``: per-channel weight scales, ``A`` = the 99.99th percentile of each batch's
+  inputs (maximum over batches);
+- ``mse``: per-channel weight scales, ``A`` minimising the input quantization MSE at the width;
+- ``mse-bc``: ``mse`` with bias correction: every output channel's mean error
+  ``W·E[x] − Ŵ·E[Q(x)]`` is added to its bias (Nagel et al. 2019, empirical form);
+- ``adaround``: ``mse`` inputs, per-channel weight scales minimising the weight MSE, learned
+  rounding (AdaRound, Nagel et al. 2020) and bias correction. The rounding of every weight
+  (down or up) minimises the layer's output error ``E‖Ŵ·Q(x) − W·x‖²`` plus AdaRound's
+  annealed regulariser, with Adam. The objective is quadratic in ``Ŵ``, so it is evaluated
+  exactly over every output position of the kept images through the second moments
+  ``E[Q(x)Q(x)ᵀ]`` and ``E[Q(x)xᵀ]`` of the unfolded inputs instead of on sampled mini-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from adderquant.quant.calibrate import ActivationObserver
+from adderquant.quant.cnn.layers import (
+    QuantConv2d,
+    activation_fake_quant,
+    fold_batchnorm,
+    signed_range,
+    weight_fake_quant,
+)
+from adderquant.quant.grid import check_bits
+from adderquant.quant.layers import replace_module
+from adderquant.quant.observers import mse_optimal_threshold
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CNNMethod:
+    """One CNN quantization method: weight scheme and clip, input clip, repairs."""
+
+    name: str
+    weights: str  # per-tensor | per-channel
+    weight_clip: str  # max | mse
+    act_clip: str  # max | percentile | mse
+    bias_correction: bool = False
+    adaround: bool = False
+
+
+CNN_METHODS: dict[str, CNNMethod] = {m.name: m for m in (
+    CNNMethod("minmax", "per-tensor", "max", "max"),
+    CNNMethod("percentile", "per-channel", "max", "percentile"),
+    CNNMethod("mse", "per-channel", "max", "mse"),
+    CNNMethod("mse-bc", "per-channel", "max", "mse", bias_correction=True),
+    CNNMethod("adaround", "per-channel", "mse", "mse", bias_correction=True, adaround=True),
+)}
+
+
+def cnn_method(name: str) -> CNNMethod:
+    if name not in CNN_METHODS:
+        raise ValueError(f"unknown CNN quantization method {name!r}; choose one of "
+                         f"{', '.join(CNN_METHODS)}")
+    return CNN_METHODS[name]
+
+
+@dataclass(frozen=True)
+class CNNPTQConfig:
+    """Settings shared by the CNN methods."""
+
+    calib_batches: int = 8  # calibration batches of the calibration set (8 x 128 images)
+    keep_images: int = 128  # images whose layer inputs are kept for rounding and bias
+    percentile: float = 0.9999  # the percentile method's per-batch quantile
+    adaround_iters: int = 400
+    adaround_lr: float = 0.01
+    adaround_reg: float = 0.01  # weight of the rounding regulariser
+    adaround_warmup: float = 0.2  # share of the iterations without the regulariser
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("calib_batches", "keep_images", "adaround_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.percentile <= 1.0:
+            raise ValueError(f"percentile must be in (0, 1], got {self.percentile}")
+        if not self.adaround_lr > 0 or not self.adaround_reg >= 0:
+            raise ValueError("adaround_lr must be positive and adaround_reg non-negative")
+        if not 0.0 <= self.adaround_warmup < 1.0:
+            raise ValueError(f"adaround_warmup must be in [0, 1), got {self.adaround_warmup}")
+
+
+def quantizable_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """Every ``Conv2d`` of ``model`` but the first one registered (the one that sees the
+    image), by name."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) < 2:
+        raise ValueError("the model has no convolution to quantize besides its first one")
+    return dict(convs[1:])
+
+
+@torch.no_grad()
+def calibrate_cnn(
+    folded: nn.Module, batches: Batches, cfg: CNNPTQConfig, progress: bool = False
+) -> dict[str, ActivationObserver]:
+    """Statistics of the input of every quantizable convolution of ``folded`` (eval mode)."""
+    layers = quantizable_convs(folded)
+    observers = {
+        name: ActivationObserver(quantile=cfg.percentile, keep_images=cfg.keep_images,
+                                 seed=cfg.seed)
+        for name in layers
+    }
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, name=name: observers[name].update(args[0], name))
+        for name, layer in layers.items()]
+    folded.eval()
+    seen = 0
+    try:
+        for x, _ in tqdm(batches, desc="calibrate cnn", disable=not progress, leave=False):
+            folded(x)
+            seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen == 0:
+        raise ValueError("the calibration set is empty")
+    for name, obs in observers.items():
+        if obs.min < 0:
+            raise ValueError(f"convolution {name!r} sees negative inputs ({obs.min:.3g}); the "
+                             "unsigned input grid needs inputs after a ReLU")
+    return observers
+
+
+def activation_threshold(observer: ActivationObserver, clip: str, bits: int,
+                         cfg: CNNPTQConfig) -> float:
+    """``A`` of the input grid ``[0, A]`` under ``clip``."""
+    if clip == "max":
+        value = observer.max
+    elif clip == "percentile":
+        value = observer.threshold("plain", cfg.percentile)
+    elif clip == "mse":
+        value = mse_optimal_threshold(observer.sample, bits)
+    else:
+        raise ValueError(f"unknown activation clip {clip!r}; choose max, percentile or mse")
+    return max(float(value), 1e-6)
+
+
+@torch.no_grad()
+def input_moments(
+    conv: QuantConv2d, inputs: torch.Tensor, chunk: int = 16
+) -> dict[str, torch.Tensor]:
+    """Second moments over every output position of the unfolded float inputs ``x`` and
+    quantized inputs ``Q(x)``: ``qq = E[Q(x)Q(x)ᵀ]``, ``qx = E[Q(x)xᵀ]``, ``xx = E[xxᵀ]``
+    (K × K, float64)."""
+    k = conv.in_channels * math.prod(conv.kernel_size)
+    sums = {key: torch.zeros(k, k, dtype=torch.float64) for key in ("qq", "qx", "xx")}
+    count = 0
+    for x in inputs.split(chunk):
+        fx, fq = [F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+                  .transpose(1, 2).reshape(-1, k) for t in (x, conv.act_quant(x))]
+        sums["qq"] += (fq.T @ fq).double()
+        sums["qx"] += (fq.T @ fx).double()
+        sums["xx"] += (fx.T @ fx).double()
+        count += fx.shape[0]
+    return {key: value / count for key, value in sums.items()}
+
+
+@torch.no_grad()
+def output_bias(
+    float_weight: torch.Tensor, quant: QuantConv2d, inputs: torch.Tensor, chunk: int = 32
+) -> torch.Tensor:
+    """Per output channel, the mean over ``inputs`` and positions of
+    ``conv(x, W) − conv(Q(x), Q(W))``: the correction that bias correction adds (float64)."""
+    total = torch.zeros(quant.out_channels, dtype=torch.float64)
+    count = 0
+    w_hat = quant.quantized_weight()
+    for x in inputs.split(chunk):
+        y = F.conv2d(x, float_weight, None, quant.stride, quant.padding, quant.dilation)
+        y_hat = F.conv2d(quant.act_quant(x), w_hat, None, quant.stride, quant.padding,
+                         quant.dilation)
+        total += (y - y_hat).double().sum(dim=(0, 2, 3))
+        count += y.shape[0] * y.shape[2] * y.shape[3]
+    return total / count
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block (small matrix products lose to thread
+    start-up on a loaded machine), then restore the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def adaround(
+    weight: torch.Tensor, scale: torch.Tensor, bits: int, moments: dict[str, torch.Tensor],
+    cfg: CNNPTQConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Learned rounding of ``weight`` (C_out × K) on the grid of step ``scale`` (C_out × 1 or
+    1 × 1): each weight rounds down or up, chosen by minimising
+    ``Σ_t E[(ŵ_t·Q(x) − w_t·x)²] + λ·Σ (1 − |2h(V) − 1|^β)`` (AdaRound: rectified sigmoid
+    ``h``, ``β`` annealed from 20 to 2 after the warm-up). Returns the rounded weight (on the
+    grid) and the mean output MSE per channel of nearest and of learned rounding."""
+    qq, qx, xx = moments["qq"], moments["qx"], moments["xx"]
+    lo, hi = signed_range(bits)
+    zeta, gamma = 1.1, -0.1
+    w = weight.float()
+    s = scale.float()
+    qq32, b = qq.float(), (w @ qx.float().T)  # E[Q(x)xᵀ]: cross term Σ ŵ_t·(qx w_t)
+
+    def error(w_hat: torch.Tensor) -> torch.Tensor:
+        """Σ_t E[(ŵ_t·Q(x) − w_t·x)²] without the constant E[(w_t·x)²]."""
+        return ((w_hat @ qq32) * w_hat).sum() - 2 * (w_hat * b).sum()
+
+    floor = torch.floor(w / s)
+    rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
+    v = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
+    nearest = s * torch.clamp(torch.round(w / s), lo, hi)
+    optimizer = torch.optim.Adam([v], lr=cfg.adaround_lr)
+    warmup = int(cfg.adaround_warmup * cfg.adaround_iters)
+    with torch.enable_grad():
+        for it in range(cfg.adaround_iters):
+            h = torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0, 1)
+            loss = error(s * torch.clamp(floor + h, lo, hi))
+            if it >= warmup and cfg.adaround_reg:
+                progress = (it - warmup) / max(1, cfg.adaround_iters - warmup)
+                beta = 2 + 18 * (1 + math.cos(math.pi * progress)) / 2  # 20 → 2
+                loss = loss + cfg.adaround_reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    rounded = s * torch.clamp(floor + (v.detach() >= 0).float(), lo, hi)
+    constant = float(((w.double() @ xx) * w.double()).sum())
+    with torch.no_grad():
+        return rounded, {"output_mse_nearest": (float(error(nearest)) + constant) / len(w),
+                         "output_mse_learned": (float(error(rounded)) + constant) / len(w)}
+
+
+def quantize_cnn(
+    folded: nn.Module,
+    observers: dict[str, ActivationObserver],
+    method: str,
+    bits: int,
+    cfg: CNNPTQConfig,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """A copy of the BatchNorm-folded ``folded`` with every quantizable convolution replaced
+    by a :class:`QuantConv2d` quantized by ``method`` at ``bits``, and per-layer reports."""
+    check_bits(bits)
+    spec = cnn_method(method)
+    qmodel = copy.deepcopy(folded).eval()
+    reports = []
+    for name, conv in quantizable_convs(qmodel).items():
+        obs = observers.get(name)
+        if obs is None:
+            raise ValueError(f"no calibration statistics for the convolution {name!r}")
+        threshold = activation_threshold(obs, spec.act_clip, bits, cfg)
+        wq = weight_fake_quant(conv.weight, bits, spec.weights, spec.weight_clip)
+        quant = QuantConv2d(conv, bits, wq, activation_fake_quant(threshold, bits))
+        report: dict[str, Any] = {"layer": name, "bits": bits, "A": threshold,
+                                  "act_max": obs.max,
+                                  "acts_clipped": float((obs.sample > threshold).float().mean())}
+        if spec.adaround:
+            w = quant.weight.detach().flatten(1)
+            scale = wq.scale.view(-1, 1) if wq.scale.numel() > 1 else wq.scale.view(1, 1)
+            with single_thread():
+                moments = input_moments(quant, obs.kept_inputs)
+                rounded, errors = adaround(w, scale, bits, moments, cfg)
+            quant.weight.data.copy_(rounded.view_as(quant.weight))
+            report.update(errors)
+        if spec.bias_correction:
+            delta = output_bias(conv.weight.detach(), quant, obs.kept_inputs)
+            quant.bias += delta.float()
+            report["bias_correction_mean_abs"] = float(delta.abs().mean())
+        replace_module(qmodel, name, quant)
+        reports.append(report)
+    return qmodel, reports
+
+
+def cnn_ptq(
+    model: nn.Module, batches: Batches, method: str, bits: int,
+    cfg: CNNPTQConfig | None = None, progress: bool = False,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Fold, calibrate on ``batches`` (the first ``cfg.calib_batches``) and quantize
+    ``model`` with ``method`` at ``bits``; returns the quantized model and per-layer reports."""
+    cfg = cfg or CNNPTQConfig()
+    cnn_method(method)
+    folded = fold_batchnorm(model)
+    limited = (b for _, b in zip(range(cfg.calib_batches), batches, strict=False))
+    observers = calibrate_cnn(folded, limited, cfg, progress)
+    return quantize_cnn(folded, observers, method, bits, cfg)
