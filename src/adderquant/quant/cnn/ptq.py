@@ -88,14 +88,15 @@ class CNNPTQConfig:
     calib_batches: int = 8  # calibration batches of the calibration set (8 x 128 images)
     keep_images: int = 128  # images whose layer inputs are kept for rounding and bias
     percentile: float = 0.9999  # the percentile method's per-batch quantile
-    adaround_iters: int = 400
+    adaround_iters: int = 200
+    adaround_positions: int = 4096  # output positions of the kept images per layer
     adaround_lr: float = 0.01
     adaround_reg: float = 0.01  # weight of the rounding regulariser
     adaround_warmup: float = 0.2  # share of the iterations without the regulariser
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("calib_batches", "keep_images", "adaround_iters"):
+        for name in ("calib_batches", "keep_images", "adaround_iters", "adaround_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 < self.percentile <= 1.0:
@@ -163,22 +164,36 @@ def activation_threshold(observer: ActivationObserver, clip: str, bits: int,
 
 @torch.no_grad()
 def input_moments(
-    conv: QuantConv2d, inputs: torch.Tensor, chunk: int = 16
+    conv: QuantConv2d, inputs: torch.Tensor, positions: int | None = None, seed: int = 0,
+    chunk: int = 16,
 ) -> dict[str, torch.Tensor]:
-    """Second moments over every output position of the unfolded float inputs ``x`` and
-    quantized inputs ``Q(x)``: ``qq = E[Q(x)Q(x)ᵀ]``, ``qx = E[Q(x)xᵀ]``, ``xx = E[xxᵀ]``
-    (K × K, float64)."""
+    """Second moments of the unfolded float inputs ``x`` and quantized inputs ``Q(x)`` over the
+    output positions of ``inputs`` (about ``positions`` of them drawn at random, or all):
+    ``qq = E[Q(x)Q(x)ᵀ]``, ``qx = E[Q(x)xᵀ]``, ``xx = E[xxᵀ]`` (K × K, float64)."""
     k = conv.in_channels * math.prod(conv.kernel_size)
     sums = {key: torch.zeros(k, k, dtype=torch.float64) for key in ("qq", "qx", "xx")}
+    generator = torch.Generator().manual_seed(seed)
+    total = len(inputs) * conv_positions(conv, inputs.shape[-2:])
+    share = 1.0 if positions is None else min(1.0, positions / total)
     count = 0
     for x in inputs.split(chunk):
         fx, fq = [F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
                   .transpose(1, 2).reshape(-1, k) for t in (x, conv.act_quant(x))]
+        if share < 1.0:
+            keep = torch.randperm(len(fx), generator=generator)[: max(1, round(share * len(fx)))]
+            fx, fq = fx[keep], fq[keep]
         sums["qq"] += (fq.T @ fq).double()
         sums["qx"] += (fq.T @ fx).double()
         sums["xx"] += (fx.T @ fx).double()
         count += fx.shape[0]
     return {key: value / count for key, value in sums.items()}
+
+
+def conv_positions(conv: QuantConv2d, size: torch.Size) -> int:
+    """Output positions of ``conv`` on an input of spatial ``size``."""
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+           zip(size, conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True)]
+    return math.prod(out)
 
 
 @torch.no_grad()
@@ -281,8 +296,8 @@ def quantize_cnn(
         if spec.adaround:
             w = quant.weight.detach().flatten(1)
             scale = wq.scale.view(-1, 1) if wq.scale.numel() > 1 else wq.scale.view(1, 1)
+            moments = input_moments(quant, obs.kept_inputs, cfg.adaround_positions, cfg.seed)
             with single_thread():
-                moments = input_moments(quant, obs.kept_inputs)
                 rounded, errors = adaround(w, scale, bits, moments, cfg)
             quant.weight.data.copy_(rounded.view_as(quant.weight))
             report.update(errors)
