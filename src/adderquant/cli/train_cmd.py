@@ -19,6 +19,7 @@ from adderquant.data.splits import IMAGE_FOLDER, TRAINING_DATASETS
 from adderquant.models import MODEL_NAMES
 from adderquant.train.loop import RunFolder
 
+DEFAULT_MODEL = "lenet5"
 # Flags that set a TrainConfig field (their defaults come from the dataset's recipe).
 CONFIG_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                 "warmup_epochs", "augment", "eta", "val_split", "seed", "sync_bn", "workers")
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "for the dataset (see docs/training.md); a --config file (JSON or YAML) overrides the "
         "recipe and flags override both. Under torchrun the processes share the global "
         "--batch-size and process 0 writes the run folder.")
-    p.add_argument("--model", default="lenet5", choices=MODEL_NAMES)
+    p.add_argument("--model", default=None, choices=MODEL_NAMES,
+                   help=f"zoo model (default: {DEFAULT_MODEL})")
     p.add_argument("--dataset", default=None, choices=TRAINING_DATASETS,
                    help="default: the model's own dataset (image-folder for ImageNet models)")
     p.add_argument("--data", default=None, help="dataset root (default: the usual locations; "
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     file_settings = read_config_file(args.recipe_file) if args.recipe_file else {}
-    record = model_record(file_settings.get("model", args.model))
+    record = model_record(args.model or file_settings.get("model", DEFAULT_MODEL))
     dataset = args.dataset or file_settings.get("dataset") or (
         IMAGE_FOLDER if record.dataset == "imagenet" else record.dataset)
     if dataset not in TRAINING_DATASETS:
