@@ -20,6 +20,7 @@ from adderquant.ops.geometry import (
     output_size,
 )
 from adderquant.ops.gradients import adaptive_scale
+from adderquant.ops.gradients import rescale_ as _rescale_  # noqa: F401 (its old home; use gradients)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
