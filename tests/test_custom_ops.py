@@ -154,3 +154,21 @@ def test_simd_choice_is_scoped_to_the_block_and_the_thread():
     assert torch.equal(portable, adder2d(x, w, None, 1, 1))
     with pytest.raises(ValueError, match="unknown SIMD path"), _kernel.use_simd("sse9"):
         pass
+
+
+def test_compiled_adder2d_on_channels_last_input_matches_eager():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 6, 6, generator=gen).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(3, 4, 3, 3, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.adderquant.adder2d.default,
+                          (x, w, [1, 1], [1, 1], [1, 1], 1, 0.2, False))
+
+    def loss(fn):
+        return (fn(x, w, None, 1, 1) ** 2).sum()
+
+    expected = torch.autograd.grad(loss(adder2d), (x, w))
+    got = torch.autograd.grad(loss(torch.compile(adder2d, fullgraph=True, backend="aot_eager")),
+                              (x, w))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)

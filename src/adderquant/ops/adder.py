@@ -81,7 +81,7 @@ def _adder2d_backward_op(
     (unscaled), or with ``exact`` the sign gradients; an empty tensor where not needed."""
     geom = adder_geometry(x, weight, stride, padding, dilation, groups)
     if geom.n == 0:
-        grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight)
+        grad_x, grad_w = x.new_zeros(x.shape), weight.new_zeros(weight.shape)
     else:
         grad_x, grad_w = _kernel.backward(
             geom, x.contiguous(), weight.contiguous(), grad_out.contiguous(), need_input,
@@ -93,8 +93,8 @@ def _adder2d_backward_op(
 
 @_adder2d_backward_op.register_fake
 def _(grad_out, x, weight, stride, padding, dilation, groups, need_input, need_weight, exact):
-    return (torch.empty_like(x) if need_input else x.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+    return (x.new_empty(x.shape if need_input else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)))
 
 
 def _setup_context(ctx, inputs, output) -> None:
