@@ -29,7 +29,7 @@ from adderquant._io import write_bytes_atomic
 from adderquant.data.splits import Split, TrainingData
 from adderquant.data.transforms import normalize
 from adderquant.nn import Adder2d
-from adderquant.ops.adder import _rescale_
+from adderquant.ops.gradients import rescale_
 from adderquant.train.distributed import Processes, all_sum
 from adderquant.train.history import write_log, write_plot
 from adderquant.train.recipe import CosineFactor, TrainConfig
@@ -224,7 +224,7 @@ def fit(
                 if cfg.eta is not None:
                     for w in adder_weights:
                         if w.grad is not None:
-                            _rescale_(w.grad, cfg.eta)
+                            rescale_(w.grad, cfg.eta)
                 optimizer.step()
                 schedule.step()
                 loss_sum += value * len(y)
