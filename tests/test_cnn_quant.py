@@ -170,7 +170,7 @@ def test_adaround_rounds_each_weight_down_or_up_and_lowers_the_output_error():
     moments = input_moments(layer, x)
     w = conv.weight.detach().flatten(1)
     s = fq.scale.view(-1, 1)
-    rounded, errors = adaround(w, s, 3, moments, CNNPTQConfig(adaround_iters=200))
+    rounded, errors = adaround(w, s, 3, moments, CNNPTQConfig(adaround_iters=60))
     codes = rounded / s
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     step = codes.round() - torch.floor(w / s)

@@ -252,7 +252,7 @@ def adaround(
     nearest = s * torch.clamp(torch.round(w / s), lo, hi)
     optimizer = torch.optim.Adam([v], lr=cfg.adaround_lr)
     warmup = int(cfg.adaround_warmup * cfg.adaround_iters)
-    with torch.enable_grad():
+    with torch.enable_grad(), single_thread():
         for it in range(cfg.adaround_iters):
             h = torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0, 1)
             loss = error(s * torch.clamp(floor + h, lo, hi))
@@ -297,8 +297,7 @@ def quantize_cnn(
             w = quant.weight.detach().flatten(1)
             scale = wq.scale.view(-1, 1) if wq.scale.numel() > 1 else wq.scale.view(1, 1)
             moments = input_moments(quant, obs.kept_inputs, cfg.adaround_positions, cfg.seed)
-            with single_thread():
-                rounded, errors = adaround(w, scale, bits, moments, cfg)
+            rounded, errors = adaround(w, scale, bits, moments, cfg)
             quant.weight.data.copy_(rounded.view_as(quant.weight))
             report.update(errors)
         if spec.bias_correction:
