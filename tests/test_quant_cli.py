@@ -44,11 +44,12 @@ def test_ptq_command_saves_a_model_that_loads_and_scores_the_same(
 
 
 def test_ptq_command_and_the_python_call_give_the_same_model(
-    shared_data_root, released_checkpoint, tmp_path
+    shared_data_root, released_checkpoint, tmp_path, capsys
 ) -> None:
     out = tmp_path / "q.pt"
-    assert main(["ptq", "--bits", "3", "--out", str(out), *TINY,
+    assert main(["ptq", "--bits", "3", "--out", str(out), "-v", *TINY,
                  *model_args(shared_data_root, released_checkpoint)]) == 0
+    assert "quantized 20 adder layers with adderquant" in capsys.readouterr().err  # -v: debug
     from_cli, payload = load_quantized(out)
     model = load_pretrained(create_model("resnet20"), released_checkpoint)
     # the three lines of docs/api.md, with the settings of TINY
@@ -75,6 +76,12 @@ def test_ptq_command_reports_bad_settings(shared_data_root, released_checkpoint,
     assert "exceeds the 16 output channels" in capsys.readouterr().err
     assert main(["ptq", "--calib-pool", "60000", *TINY, *args]) == 2
     assert "exceeds the 50000 training images" in capsys.readouterr().err
+    # settings of another method are refused before any data is read, naming the flag
+    assert main(["ptq", "--method", "qssf", "--groups", "2", *TINY, *args]) == 2
+    assert "--groups do(es) not apply to method 'qssf'" in capsys.readouterr().err
+    assert main(["analyze", "ablation", "--method", "adderquant", *TINY, *args]) == 2
+    assert ("varies ['act_clip', 'weight_clamp'], which method 'adderquant' does not have"
+            in capsys.readouterr().err)
 
 
 def test_reproduce_and_analyze_write_their_tables(

@@ -21,6 +21,7 @@ from adderquant.studies.analyses import (
     FEATURE_VARIANTS,
     GROUPS,
     bn_investigation,
+    check_variants,
     format_sweep,
     histograms,
     outlier_requests,
@@ -73,6 +74,9 @@ def output_files(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     base = config_from_args(args)
+    for name in args.names:  # before any data is read
+        if name in SWEEPS:
+            check_variants(SWEEPS[name][0] or outlier_variants(), base)
     extra = outlier_requests() if "outliers" in args.names else ()
     exp = Experiment.load(build_model(args), dataset_name(args), args.data, args.limit,
                           extra_requests=extra, progress=not args.no_progress)

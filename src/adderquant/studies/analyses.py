@@ -31,16 +31,20 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- sweeps
 
 
-def sweep(
-    exp: Experiment, variants: Sequence[tuple[str, dict[str, Any]]], bits: Sequence[int],
-    base: QuantConfig,
-) -> list[dict[str, Any]]:
-    """Each ``(label, overrides)`` variant of ``base`` at every bit width; a variant setting
-    a field that ``base``'s method lacks is a ``ValueError`` before any run."""
+def check_variants(variants: Sequence[tuple[str, dict[str, Any]]], base: QuantConfig) -> None:
+    """Raise ``ValueError`` if a variant sets a field that ``base``'s method lacks."""
     missing = sorted({k for _, o in variants for k in o} - field_names(type(base)))
     if missing:
         raise ValueError(f"this analysis varies {missing}, which method {base.method!r} does "
                          f"not have; choose a method that has them (--method paper)")
+
+
+def sweep(
+    exp: Experiment, variants: Sequence[tuple[str, dict[str, Any]]], bits: Sequence[int],
+    base: QuantConfig,
+) -> list[dict[str, Any]]:
+    """Each ``(label, overrides)`` variant of ``base`` at every bit width."""
+    check_variants(variants, base)
     rows = []
     for label, overrides in variants:
         for b in bits:
