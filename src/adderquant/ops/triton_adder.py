@@ -33,7 +33,9 @@ except ImportError as error:
         "tensors to the CPU with .cpu()"
     ) from error
 
-from adderquant.ops.adder import _geometry, _rescale_, check_adder_shapes
+from adderquant.ops.geometry import adder_geometry as _geometry
+from adderquant.ops.geometry import check_adder_shapes
+from adderquant.ops.gradients import rescale_ as _rescale_
 
 NUM_WARPS = 4
 POSITIONS_PER_SLICE = 256  # output positions one program reduces in the sign weight gradient

@@ -44,7 +44,7 @@ from adderquant.quant.grid import (
 )
 
 if TYPE_CHECKING:  # the engine package imports this module
-    from adderquant.engine.sad import ConvGeometry
+    from adderquant.ops.sad import ConvGeometry
 
 STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped kernel call
 
@@ -185,9 +185,9 @@ class QuantAdder2d(nn.Module):
         """``−Δ·Σ|q_x − r·q_w|`` + biases: the input's codes on every grid in one pass, one
         SAD kernel call per grid, and the int32 sums scaled to float32 in one pass; ``None``
         when ``x`` holds NaN or infinite values, which have no code."""
-        from adderquant.engine._kernel import NonFiniteInputError
-        from adderquant.engine.requant import codes_from_float, sums_to_float
-        from adderquant.engine.sad import sad_conv2d_packed
+        from adderquant.ops._loader import NonFiniteInputError
+        from adderquant.ops.requant import codes_from_float, sums_to_float
+        from adderquant.ops.sad import sad_conv2d_packed
 
         plan = self._sad_plan()
         n, c, h, w = x.shape
@@ -276,7 +276,7 @@ class _SadPlan:
 
     @classmethod
     def build(cls, layer: QuantAdder2d, key: tuple) -> _SadPlan:
-        from adderquant.engine.sad import ConvGeometry
+        from adderquant.ops.sad import ConvGeometry
 
         scales, zero_points, label = layer._grids()
         clamped, excess = byte_weights(layer.weight_codes, layer.codes)
