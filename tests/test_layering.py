@@ -26,20 +26,6 @@ LAYERS: list[set[str]] = [
     {"cli"},  # the command line
 ]
 
-# Imports against the layers that are being moved; this list is to be emptied, never added to.
-# (importing module, imported module)
-KNOWN_LAYER_VIOLATIONS: set[tuple[str, str]] = {
-    # quantized layers run the engine's SAD kernel (the kernel moves under ops/)
-    ("adderquant.quant.layers", "adderquant.engine._kernel"),
-    ("adderquant.quant.layers", "adderquant.engine.requant"),
-    ("adderquant.quant.layers", "adderquant.engine.sad"),
-}
-# Pairs of modules that import each other; to be emptied, never added to.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"adderquant.ops.adder", "adderquant.ops.triton_adder"}),
-}
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -116,16 +102,14 @@ def test_no_import_runs_against_the_layers() -> None:
             here, there = layer_of(module), layer_of(target)
             if here is not None and there is not None and there > here:
                 violations.add((module, target))
-    assert violations - KNOWN_LAYER_VIOLATIONS == set(), "imports against the layers"
-    assert KNOWN_LAYER_VIOLATIONS - violations == set(), "fixed: drop them from the list"
+    assert violations == set(), "imports against the layers"
 
 
 def test_no_two_modules_import_each_other() -> None:
     graph = import_graph()
     cycles = {frozenset({a, b}) for a, targets in graph.items() for b in targets
               if a != b and a in graph.get(b, set())}
-    assert cycles - KNOWN_CYCLES == set(), "modules importing each other"
-    assert KNOWN_CYCLES - cycles == set(), "fixed: drop them from the list"
+    assert cycles == set(), "modules importing each other"
 
 
 def test_the_walk_sees_imports_inside_functions_and_skips_type_checking() -> None:
