@@ -71,10 +71,14 @@ def _default_text(owners: dict[str, Any], default_method: str | None) -> str:
     scope = "" if len(owners) == len(METHODS) else f"{', '.join(owners)} only; "
     if len(by_value) == 1:
         return f"{scope}default: {next(iter(owners.values()))}"
-    first = default_method if default_method in owners else next(iter(owners))
-    rest = [f"{', '.join(ms)}: {owners[ms[0]]}" for v, ms in by_value.items()
-            if v != repr(owners[first])]
-    return f"{scope}default: {owners[first]} ({first}); " + "; ".join(rest)
+    if default_method in owners:  # the default method's value first, under its name only
+        first = by_value.pop(repr(owners[default_method]))
+        head = f"default: {owners[default_method]} ({default_method}); "
+        by_value = {"": [m for m in first if m != default_method], **by_value}
+    else:
+        head = "default: "
+    groups = [f"{', '.join(ms)}: {owners[ms[0]]}" for ms in by_value.values() if ms]
+    return scope + head + "; ".join(groups)
 
 
 def add_field_flag(group: argparse._ArgumentGroup, name: str, default_method: str | None) -> None:
