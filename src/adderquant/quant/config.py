@@ -29,7 +29,7 @@ POSITIVE_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "sample_pe
                    "bn_batches", "bias_correction_batches", "mp_images")
 
 
-def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its help text (and allowed values) in its metadata."""
     meta = {"help": help, **({"choices": choices} if choices else {})}
     if isinstance(default, dict):
@@ -43,37 +43,37 @@ class QuantConfig:
 
     method: ClassVar[str] = ""  # the registered name of the method a subclass configures
 
-    bits: int = _field(4, "bit width of weights and activations (2-8)")
-    layer_bits: dict[str, int] = _field({}, "per-layer bit width LAYER=BITS (repeatable)")
+    bits: int = setting(4, "bit width of weights and activations (2-8)")
+    layer_bits: dict[str, int] = setting({}, "per-layer bit width LAYER=BITS (repeatable)")
     # calibration: calib_batches x calib_batch_size images drawn from the first calib_pool
     # training images (the rest is never used for calibration), augmented with crop + flip
-    calib_batches: int = _field(202, "calibration batches")
-    calib_batch_size: int = _field(128, "images per calibration batch")
-    calib_augment: bool = _field(True, "crop + flip augmentation of the calibration images")
-    calib_pool: int = _field(40000, "calibration draws from the first N training images")
-    act_quantile: float = _field(0.9997, "quantile q of |x| per calibration batch")
-    sample_per_batch: int = _field(4096, "activation values sampled per batch and layer")
-    report_images: int = _field(32, "calibration images kept per layer (output SQNR, search)")
-    seed: int = _field(0, "seed of every random choice (calibration batches, sampling, k-means)")
+    calib_batches: int = setting(202, "calibration batches")
+    calib_batch_size: int = setting(128, "images per calibration batch")
+    calib_augment: bool = setting(True, "crop + flip augmentation of the calibration images")
+    calib_pool: int = setting(40000, "calibration draws from the first N training images")
+    act_quantile: float = setting(0.9997, "quantile q of |x| per calibration batch")
+    sample_per_batch: int = setting(4096, "activation values sampled per batch and layer")
+    report_images: int = setting(32, "calibration images kept per layer (output SQNR, search)")
+    seed: int = setting(0, "seed of every random choice (calibration batches, sampling, k-means)")
     # BatchNorm re-estimation: train-mode statistics over bn_batches calibration batches
-    bn_reestimate: bool = _field(False, "re-estimate the BatchNorm statistics after quantizing")
-    bn_momentum: float | None = _field(
+    bn_reestimate: bool = setting(False, "re-estimate the BatchNorm statistics after quantizing")
+    bn_momentum: float | None = setting(
         0.1, "BatchNorm re-estimation momentum (none: cumulative average)")
-    bn_batches: int = _field(202, "calibration batches of the BatchNorm re-estimation")
+    bn_batches: int = setting(202, "calibration batches of the BatchNorm re-estimation")
     # leading batches whose weight in the momentum average stays below this are not run (0: run
     # all); 1e-6 runs the last 132 of 202 batches at momentum 0.1
-    bn_negligible_weight: float = _field(
+    bn_negligible_weight: float = setting(
         1e-6, "skip the leading BatchNorm batches whose total weight in the momentum average is "
         "below this (0: run every batch)")
-    bias_correction: str = _field(
+    bias_correction: str = setting(
         "float-input", "per-channel bias correction measured on float or quantized inputs",
         BIAS_CORRECTIONS)
-    bias_correction_batches: int = _field(16, "calibration batches of the bias correction")
+    bias_correction_batches: int = setting(16, "calibration batches of the bias correction")
     # mixed precision (quant/mixed.py): per-layer bits whose average, weighted by each layer's
     # adder operations, is at most avg_bits (or bits, if avg_bits is unset)
-    mixed_precision: bool = _field(False, "per-layer bit widths averaging --bits")
-    avg_bits: float | None = _field(None, "average bit width of mixed precision (turns it on)")
-    mp_images: int = _field(256, "calibration images of the mixed-precision sensitivity")
+    mixed_precision: bool = setting(False, "per-layer bit widths averaging --bits")
+    avg_bits: float | None = setting(None, "average bit width of mixed precision (turns it on)")
+    mp_images: int = setting(256, "calibration images of the mixed-precision sensitivity")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -148,8 +148,8 @@ class QuantConfig:
 class GroupedConfig(QuantConfig):
     """Settings of methods that split a layer's output channels into groups of one grid."""
 
-    grouping: bool = _field(True, "split the filters into groups (off: one group)")
-    groups: int | str = _field(4, "number of weight groups G, or per-channel")
+    grouping: bool = setting(True, "split the filters into groups (off: one group)")
+    groups: int | str = setting(4, "number of weight groups G, or per-channel")
 
     def validate(self) -> None:
         super().validate()
@@ -167,9 +167,9 @@ class PaperConfig(GroupedConfig):
 
     method: ClassVar[str] = "paper"
 
-    feature: str = _field("max_abs", "clustering feature of a filter", FEATURES)
-    weight_clamp: bool = _field(True, "lossless clamp of the weights into [-A, A]")
-    act_clip: str = _field(
+    feature: str = setting("max_abs", "clustering feature of a filter", FEATURES)
+    weight_clamp: bool = setting(True, "lossless clamp of the weights into [-A, A]")
+    act_clip: str = setting(
         "mse", "activation threshold A: released (the released code's quantile rule), quantile "
         "(plain per-batch quantile), max, mse (MSE-optimal for the bit width)", ACT_CLIPS)
 
@@ -180,7 +180,7 @@ class QSSFConfig(QuantConfig):
 
     method: ClassVar[str] = "qssf"
 
-    qssf_source: str = _field(
+    qssf_source: str = setting(
         "weights", "the shared scale comes from weights, activations or the max of both",
         QSSF_SOURCES)
 
@@ -194,18 +194,18 @@ class AdderQuantConfig(GroupedConfig):
 
     method: ClassVar[str] = "adderquant"
 
-    calib_batches: int = _field(2, "calibration batches")
-    report_images: int = _field(128, "calibration images kept per layer (output SQNR, search)")
-    bias_correction: str = _field(
+    calib_batches: int = setting(2, "calibration batches")
+    report_images: int = setting(128, "calibration images kept per layer (output SQNR, search)")
+    bias_correction: str = setting(
         "none", "per-channel bias correction measured on float or quantized inputs",
         BIAS_CORRECTIONS)
-    clip_search: bool = _field(
+    clip_search: bool = setting(
         True, "choose each group's interval by output error (off: the fixed interval of "
         "act_quantile, one group)")
-    clip_candidates: int = _field(16, "candidate intervals per layer, shrinking by clip_shrink")
-    clip_shrink: float = _field(2**-0.25, "ratio of successive candidate intervals")
-    search_positions: int = _field(1024, "sampled output positions per layer")
-    mean_correction: bool = _field(True, "per-channel bias removing the mean output error")
+    clip_candidates: int = setting(16, "candidate intervals per layer, shrinking by clip_shrink")
+    clip_shrink: float = setting(2**-0.25, "ratio of successive candidate intervals")
+    search_positions: int = setting(1024, "sampled output positions per layer")
+    mean_correction: bool = setting(True, "per-channel bias removing the mean output error")
 
     def validate(self) -> None:
         super().validate()
