@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"evaluate", "train"},  # evaluation and training loops
     {"engine"},  # export and integer-only inference
     {"studies"},  # experiments combining the above: tables, analyses, plots
-    {"cli"},  # the command line
+    {"cli", "__main__"},  # the command line, and `python -m adderquant`
 ]
 
 def module_name(path: Path) -> str:

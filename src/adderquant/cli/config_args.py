@@ -15,8 +15,7 @@ from typing import Any
 
 from adderquant.quant.config import PER_CHANNEL, PRESETS, QuantConfig, field_names, read_mapping
 from adderquant.quant.registry import METHODS, get_method
-
-FULL_PRECISION = "fp"  # ``ptq --method fp``: the float model, quantized by nothing
+from adderquant.studies.experiment import FULL_PRECISION  # ``ptq --method fp``: the float model
 
 
 def _groups(text: str) -> int | str:
