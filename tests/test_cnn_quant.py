@@ -27,7 +27,7 @@ from adderquant.quant.cnn.layers import (
     weight_fake_quant,
 )
 from adderquant.quant.cnn.ptq import adaround, input_moments
-from adderquant.quant.comparison import Renormalize
+from adderquant.studies.comparison import Renormalize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -14,10 +14,14 @@ from adderquant.data import TensorLoader
 from adderquant.models import create_model, load_pretrained, model_record
 from adderquant.nn import Adder2d
 from adderquant.quant.calibrate import ActivationObserver
-from adderquant.quant.comparison import pareto_front
-from adderquant.quant.config import PTQConfig
+from adderquant.quant.config import QSSFConfig
 from adderquant.quant.methods import quantize_qssf
-from adderquant.quant.qssf_repaired import centred_error, quantize_qssf_repaired
+from adderquant.quant.qssf_repaired import (
+    QSSFRepairedConfig,
+    centred_error,
+    quantize_qssf_repaired,
+)
+from adderquant.studies.comparison import pareto_front
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NUMBERS = ("top1", "test_agreement", "agreement", "kl", "energy_uj", "seconds")
@@ -36,10 +40,9 @@ def test_qssf_repaired_takes_the_better_source_per_layer():
         layer.adder.mul_(20)  # weights far wider than the inputs, as in trained AdderNets
     obs = ActivationObserver(keep_images=8)
     obs.update(torch.relu(torch.randn(8, 4, 6, 6)))
-    cfg = PTQConfig(method="qssf-repaired", bits=4)
-    quant, report = quantize_qssf_repaired("layer", layer, obs, 4, cfg)
+    quant, report = quantize_qssf_repaired("layer", layer, obs, 4, QSSFRepairedConfig(bits=4))
     errors = {src: centred_error(layer, quantize_qssf("layer", layer, obs, 4,
-                                                      cfg.replace(qssf_source=src))[0],
+                                                      QSSFConfig(bits=4, qssf_source=src))[0],
                                  obs.kept_inputs)
               for src in ("weights", "activations")}
     assert report["qssf_source"] == min(errors, key=errors.get)

@@ -26,9 +26,8 @@ from adderquant.cli import main
 from adderquant.engine import export_model, fakequant_model, load_package
 from adderquant.engine.package import GRAPH_FILE, MANIFEST_FILE, PackageError
 from adderquant.models import create_model
-from adderquant.quant.analysis import accuracy_table
 from adderquant.quant.io import save_quantized
-from adderquant.quant.methods import select_rows
+from adderquant.studies.reproduce import accuracy_table, select_rows
 from test_engine import input_thresholds, quantize_resnet
 from test_export import rewrite
 

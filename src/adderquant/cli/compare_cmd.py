@@ -12,14 +12,16 @@ from torch import nn
 
 from adderquant._io import write_bytes_atomic, write_json_atomic
 from adderquant.cli.common import add_model_args, build_model, dataset_name, normalisation
+from adderquant.cli.config_args import add_field_flag, given_fields
 from adderquant.cli.energy_cmd import parse_table
 from adderquant.cli.validate import bit_width, non_negative_int, positive_int
 from adderquant.data import NORMALISATION
 from adderquant.engine.energy import EnergyTable
 from adderquant.models import MODEL_NAMES, model_record
-from adderquant.quant.analysis import Experiment
 from adderquant.quant.cnn import CNN_METHODS, CNNPTQConfig
-from adderquant.quant.comparison import (
+from adderquant.quant.config import QuantConfig, field_names
+from adderquant.quant.report import json_ready
+from adderquant.studies.comparison import (
     ADDER_DEFAULT,
     Renormalize,
     adder_rows,
@@ -29,13 +31,14 @@ from adderquant.quant.comparison import (
     plot_accuracy_vs_bits,
     plot_accuracy_vs_energy,
 )
-from adderquant.quant.config import PTQConfig
-from adderquant.quant.methods import REPRODUCE_ROWS
-from adderquant.quant.report import json_ready
+from adderquant.studies.experiment import FULL_PRECISION, Experiment
+from adderquant.studies.reproduce import REPRODUCE_ROWS, select_rows
 
 AGREEMENT_IMAGES = 2000
 OUTPUT_FILES = ("table.md", "results.json", "accuracy_vs_bits.png", "accuracy_vs_energy.png")
 CNN_MODELS = tuple(name for name in MODEL_NAMES if not model_record(name).adder)
+RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
+              "bias_correction_batches")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,9 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="last training images of the agreement and KL columns (default: "
                    "%(default)s, which keeps the whole comparison under 5 minutes on two "
                    "cores; 10000 for the documented table)")
-    p.add_argument("--calib-batches", type=positive_int, default=PTQConfig.calib_batches,
-                   help="calibration batches of the adder rows that do not set their own "
-                   "(default: %(default)s, as reproduce)")
+    g = p.add_argument_group("calibration of every adder row (default: each row's method's "
+                             "own); the CNN draws from the same pool with the same batch size")
+    for name in RUN_FIELDS:
+        add_field_flag(g, name, None)
+    p.add_argument("--seed", type=int, default=QuantConfig.__dataclass_fields__["seed"].default,
+                   help="calibration seed of both families (default: %(default)s)")
     p.add_argument("--cnn-calib-batches", type=positive_int,
                    default=CNNPTQConfig.calib_batches,
                    help="calibration batches of the CNN (default: %(default)s)")
@@ -77,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder for table.md, results.json and the plots "
                    "(default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write the result rows here")
-    p.set_defaults(func=run, output_files=("json",), output_dirs={"out": OUTPUT_FILES})
+    p.set_defaults(func=run, output_files=("json",), output_dirs={"out": OUTPUT_FILES},
+                   config_fields=RUN_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,8 +100,13 @@ def run(args: argparse.Namespace) -> int:
     adder = build_model(args)
     exp = Experiment.load(adder, dataset, args.data, args.limit,
                           agreement_images=args.agreement_images, progress=progress)
-    base = PTQConfig(calib_batches=args.calib_batches)
-    exp.check_split(base)
+    overrides = {**given_fields(args), "seed": args.seed}
+    for row in select_rows([FULL_PRECISION, *args.adder_methods]):
+        cfg = row.configure(None, overrides)
+        if cfg is not None:
+            exp.check_split(cfg)
+    calibration = QuantConfig(**{k: v for k, v in overrides.items()
+                                 if k in field_names(QuantConfig)})
     cnn_args = argparse.Namespace(**{**vars(args), "model": args.cnn_model,
                                      "checkpoint": args.cnn_checkpoint})
     # the experiment's batches carry the dataset's normalisation; the CNN was trained on others
@@ -103,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
     cnn_exp = Experiment(cnn_model, exp.train_images, exp.train_labels, exp.test, dataset,
                          agreement_images=args.agreement_images, progress=progress)
     input_shape = model_record(args.model).input_size
-    rows = adder_rows(exp, args.adder_methods, args.bits, base, input_shape, table)
-    cnn_cfg = CNNPTQConfig(calib_batches=args.cnn_calib_batches, seed=base.seed)
-    rows += cnn_rows(cnn_exp, args.cnn_methods, args.bits, base, cnn_cfg, input_shape, table,
-                     progress=progress)
+    rows = adder_rows(exp, args.adder_methods, args.bits, overrides, input_shape, table)
+    cnn_cfg = CNNPTQConfig(calib_batches=args.cnn_calib_batches, seed=args.seed)
+    rows += cnn_rows(cnn_exp, args.cnn_methods, args.bits, calibration, cnn_cfg, input_shape,
+                     table, progress=progress)
     n_test = sum(len(y) for _, y in exp.test)
     text = [f"Test top-1 (%) on the {n_test}-image test subset:", "",
             format_top1_by_bits(rows), "",

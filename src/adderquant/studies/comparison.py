@@ -2,40 +2,38 @@
 
 Every row (a family, a method, a width) gets the test top-1, the top-1 agreement and the mean
 output KL divergence against its own family's float model on the held-out training images
-(the helpers of :mod:`adderquant.quant.analysis`), and the operation counts and energy per
+(the helpers of :mod:`adderquant.studies.experiment`), and the operation counts and energy per
 image of the quantized model itself (:mod:`adderquant.engine.energy`). Adder rows are rows of
-the reproduce table (:mod:`adderquant.quant.methods`); CNN rows are the methods of
+the reproduce table (:mod:`adderquant.studies.reproduce`); CNN rows are the methods of
 :mod:`adderquant.quant.cnn`. Both families calibrate on the same calibration pool.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from adderquant._io import write_bytes_atomic
 from adderquant.engine.energy import EnergyTable, count_ops, summarize
-from adderquant.quant.analysis import Experiment, format_accuracy_table, logits, mean_kl
 from adderquant.quant.cnn import CNNPTQConfig, calibrate_cnn, fold_batchnorm, quantize_cnn
-from adderquant.quant.config import PTQConfig
-from adderquant.quant.methods import FULL_PRECISION, select_rows
+from adderquant.quant.config import QuantConfig
+from adderquant.studies.experiment import FULL_PRECISION, Experiment, logits, mean_kl
+from adderquant.studies.plots import save_png
+from adderquant.studies.reproduce import format_accuracy_table, select_rows
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
+log = logging.getLogger(__name__)
 
 ADDER, CNN = "adder", "cnn"
 ADDER_DEFAULT = ("qssf", "qssf-repaired", "paper", "adderquant")
 ROW_FIELDS = ("family", "method", "bits", "top1", "test_agreement", "agreement", "kl",
               "energy_uj", "additions", "multiplications", "ops", "seconds")
-Log = Callable[[str], None]
 
 
 class Renormalize(nn.Module):
@@ -90,55 +88,55 @@ def energy_fields(model: nn.Module, input_shape: tuple[int, ...],
 
 
 def adder_rows(
-    exp: Experiment, methods: Sequence[str], bits: Sequence[int], base: PTQConfig,
-    input_shape: tuple[int, ...], table: EnergyTable, log: Log = print,
+    exp: Experiment, methods: Sequence[str], bits: Sequence[int], overrides: dict[str, Any],
+    input_shape: tuple[int, ...], table: EnergyTable,
 ) -> list[dict[str, Any]]:
-    """The float adder model and every named reproduce row at every width it runs at."""
+    """The float adder model and every named reproduce row at every width it runs at, each
+    with the ``overrides`` it has settings for."""
     rows = []
     for row in select_rows([FULL_PRECISION, *methods]):
         for b in row.widths(bits):
             start = time.perf_counter()
-            cfg = base.replace(method=row.method, **row.overrides,
-                               **({"bits": b} if b is not None else {}))
-            qmodel, result = exp.run(cfg)
+            qmodel, result = exp.run(row.configure(b, overrides))
             rows.append(_row(ADDER, row.name, b, result,
-                             energy_fields(qmodel, input_shape, table), start, log))
+                             energy_fields(qmodel, input_shape, table), start))
     return rows
 
 
 def cnn_rows(
-    exp: Experiment, methods: Sequence[str], bits: Sequence[int], base: PTQConfig,
-    cfg: CNNPTQConfig, input_shape: tuple[int, ...], table: EnergyTable, log: Log = print,
+    exp: Experiment, methods: Sequence[str], bits: Sequence[int], calibration: QuantConfig,
+    cfg: CNNPTQConfig, input_shape: tuple[int, ...], table: EnergyTable,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """The float CNN and every CNN method at every width; calibration batches come from the
-    experiment's calibration set of ``base`` (the adder rows' pool, batch size and seed)."""
+    experiment's calibration set of ``calibration`` (the adder rows' pool, batch size and
+    seed)."""
     scorer = Scorer(exp)
     start = time.perf_counter()
     rows = [_row(CNN, FULL_PRECISION, None, scorer.score(exp.model),
-                 energy_fields(exp.model, input_shape, table), start, log)]
+                 energy_fields(exp.model, input_shape, table), start)]
     folded = fold_batchnorm(exp.model)
-    observers = calibrate_cnn(folded, exp.calibration_set(base).batches(cfg.calib_batches),
-                              cfg, progress)
+    observers = calibrate_cnn(
+        folded, exp.calibration_set(calibration).batches(cfg.calib_batches), cfg, progress)
     for method in methods:
         for b in bits:
             start = time.perf_counter()
             qmodel, _ = quantize_cnn(folded, observers, method, b, cfg)
             rows.append(_row(CNN, method, b, scorer.score(qmodel),
-                             energy_fields(qmodel, input_shape, table), start, log))
+                             energy_fields(qmodel, input_shape, table), start))
     return rows
 
 
 def _row(family: str, method: str, bits: int | None, scores: dict[str, Any],
-         energy: dict[str, Any], start: float, log: Log) -> dict[str, Any]:
+         energy: dict[str, Any], start: float) -> dict[str, Any]:
     row = {"family": family, "method": method, "bits": bits,
            **{k: scores[k] for k in ("top1", "test_agreement", "agreement", "kl")
               if k in scores},
            **energy, "seconds": time.perf_counter() - start}
     width = "fp" if bits is None else f"{bits} b"
     agree = f"  agreement {row['agreement']:.2f} %" if "agreement" in row else ""
-    log(f"{family:>5s} {method:>14s} {width:>5s}: top-1 {row['top1']:.1f} %{agree}  "
-        f"{row['energy_uj']:.2f} µJ  ({row['seconds']:.0f} s)")
+    log.info(f"{family:>5s} {method:>14s} {width:>5s}: top-1 {row['top1']:.1f} %{agree}  "
+             f"{row['energy_uj']:.2f} µJ  ({row['seconds']:.0f} s)")
     return row
 
 
@@ -183,7 +181,8 @@ def _label(r: dict[str, Any]) -> str:
 def plot_accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Test top-1 against bits, one line per method; adder methods solid, CNN dashed; each
     family's float model as a horizontal line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label in dict.fromkeys(_label(r) for r in rows if r["bits"] is not None):
         pts = sorted((r["bits"], r["top1"]) for r in rows
                      if _label(r) == label and r["bits"] is not None)
@@ -198,13 +197,14 @@ def plot_accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> N
     ax.set_title("adder ResNet-20 vs convolutional ResNet-20, post-training quantization")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_accuracy_vs_energy(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Test top-1 against energy per image (log scale), circles adder, squares CNN, the
     Pareto front (more accurate for less energy) as a black step line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label in dict.fromkeys(_label(r) for r in rows):
         pts = [r for r in rows if _label(r) == label]
         marker = "o" if label.startswith(ADDER) else "s"
@@ -222,12 +222,5 @@ def plot_accuracy_vs_energy(rows: Sequence[dict[str, Any]], path: str | Path) ->
     ax.set_title("accuracy vs energy per image")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_png(fig, path)
 
-
-def _save(fig, path: str | Path) -> None:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
