@@ -37,8 +37,12 @@ from adderquant.studies.reproduce import REPRODUCE_ROWS, select_rows
 AGREEMENT_IMAGES = 2000
 OUTPUT_FILES = ("table.md", "results.json", "accuracy_vs_bits.png", "accuracy_vs_energy.png")
 CNN_MODELS = tuple(name for name in MODEL_NAMES if not model_record(name).adder)
-RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
+RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "report_images", "bn_batches",
               "bias_correction_batches")
+# One calibration pass shared by every adder row: the adderquant method's own 2 batches of 128
+# images, 128 of them kept per layer. --own-calibration gives each row its method's defaults
+# instead (202 batches for qssf, qssf-repaired and paper), as the documented table was run.
+SHARED_CALIBRATION = {"calib_batches": 2, "report_images": 128}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,10 +70,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"CNN methods (default and choices: {' '.join(CNN_METHODS)})")
     p.add_argument("--agreement-images", type=non_negative_int, default=AGREEMENT_IMAGES,
                    help="last training images of the agreement and KL columns (default: "
-                   "%(default)s, which keeps the whole comparison under 5 minutes on two "
-                   "cores; 10000 for the documented table)")
-    g = p.add_argument_group("calibration of every adder row (default: each row's method's "
-                             "own); the CNN draws from the same pool with the same batch size")
+                   "%(default)s; 10000 for agreement and KL on more images)")
+    g = p.add_argument_group(
+        "calibration of every adder row (default: one pass shared by all, "
+        + ", ".join(f"{k}={v}" for k, v in SHARED_CALIBRATION.items())
+        + "; else each method's own); the CNN draws from the same pool with the same batch size")
+    g.add_argument("--own-calibration", action="store_true",
+                   help="each adder row calibrates with its method's own defaults (202 "
+                   "batches for qssf, qssf-repaired and paper), as docs/comparison.md's table "
+                   "was run; slower")
     for name in RUN_FIELDS:
         add_field_flag(g, name, None)
     p.add_argument("--seed", type=int, default=QuantConfig.__dataclass_fields__["seed"].default,
@@ -100,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     adder = build_model(args)
     exp = Experiment.load(adder, dataset, args.data, args.limit,
                           agreement_images=args.agreement_images, progress=progress)
-    overrides = {**given_fields(args), "seed": args.seed}
+    shared = {} if args.own_calibration else SHARED_CALIBRATION
+    overrides = {**shared, **given_fields(args), "seed": args.seed}
     for row in select_rows([FULL_PRECISION, *args.adder_methods]):
         cfg = row.configure(None, overrides)
         if cfg is not None:
