@@ -14,6 +14,12 @@ setup(
             extra_link_args=LINK_ARGS,
         ),
         Extension(
+            "adderquant.quant._fakequant_kernel",
+            sources=["src/adderquant/quant/csrc/fakequant_kernel.c"],
+            extra_compile_args=COMPILE_ARGS,
+            extra_link_args=LINK_ARGS,
+        ),
+        Extension(
             "adderquant.engine._sad_kernel",
             sources=["src/adderquant/engine/csrc/sad_kernel.c"],
             extra_compile_args=COMPILE_ARGS,

@@ -8,10 +8,10 @@ import signal
 import sys
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
-COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze",
-            "models")
+COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "qat", "reproduce",
+            "analyze", "models")
 # Commands that may look up (and download) a checkpoint or a dataset.
-RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze")
+RESOLVING = ("eval", "train", "infer", "ptq", "qat", "reproduce", "analyze")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
