@@ -3,6 +3,8 @@ integer path, a training step, resume, export through the integer engine, the co
 
 from __future__ import annotations
 
+import copy
+import importlib
 import math
 from pathlib import Path
 
@@ -273,8 +275,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
     model, quantized, images, labels = tiny_setup()
     cfg = small_config()
     whole, _ = qat(model, quantized, cfg, images, labels, "cifar10", **TINY)
-    import adderquant.quant.qat as qat_module
-
+    qat_module = importlib.import_module("adderquant.quant.qat")  # the package exports qat()
     real_save = qat_module.save_checkpoint
 
     def save_then_stop(path, state):
@@ -290,7 +291,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
     resumed, _ = qat(model, quantized, cfg, images, labels, "cifar10", checkpoint=state,
                      resume=True, **TINY)
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, k
 
 
 def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path):
@@ -335,8 +336,9 @@ def test_export_of_a_trained_model_round_trips_through_the_integer_engine(
     trained = to_quantized(student)
     assert all(not isinstance(m, QATAdder2d) for m in trained.modules())
     export_model(trained, "resnet20", tmp_path / "pkg", "cifar10")
-    with torch.no_grad():
-        assert torch.equal(load(tmp_path / "pkg")(x).argmax(1), trained(x).argmax(1))
+    with torch.no_grad():  # the exact fake-quant model: float32 rounding moves 2-bit codes
+        want = copy.deepcopy(trained).double()(x.double())
+    assert torch.equal(load(tmp_path / "pkg")(x).argmax(1), want.argmax(1))
 
 
 def test_cli_refuses_a_saved_model_of_another_architecture(tmp_path, capsys):
