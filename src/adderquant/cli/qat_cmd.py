@@ -29,6 +29,7 @@ _HELP = {
     "steps": "optimizer steps in all (overrides --epochs)",
     "batch_size": "training batch size",
     "lr": "Adam learning rate of the adder layers, in units of each layer's grid step",
+    "step_lr": "Adam learning rate of the grid steps, relative to each step",
     "float_lr": "Adam learning rate of the float layers (first conv, classifier, BatchNorm)",
     "loss": "kl: distillation from the float model's logits; ce: cross-entropy on labels",
     "temperature": "distillation temperature",

@@ -174,14 +174,15 @@ def set_bn_frozen(student: nn.Module, frozen: bool) -> None:
 
 
 def parameter_groups(student: nn.Module, cfg: QATConfig) -> list[dict[str, Any]]:
-    """Adam groups: each adder layer at ``lr`` times its mean grid step, the rest at
-    ``float_lr``."""
+    """Adam groups: each adder layer's weights and bias at ``lr`` times its mean grid step,
+    its steps at ``step_lr`` times that step, the rest at ``float_lr``."""
     groups, seen = [], set()
     for m in student.modules():
         if isinstance(m, QATAdder2d):
-            params = [m.weight, m.step, m.bias]
-            seen.update(id(p) for p in params)
-            groups.append({"params": params, "lr": cfg.lr * float(m.step.detach().mean())})
+            seen.update(id(p) for p in (m.weight, m.step, m.bias))
+            mean_step = float(m.step.detach().mean())
+            groups.append({"params": [m.weight, m.bias], "lr": cfg.lr * mean_step})
+            groups.append({"params": [m.step], "lr": cfg.step_lr * mean_step})
     rest = [p for p in student.parameters() if id(p) not in seen and p.requires_grad]
     if rest:
         groups.append({"params": rest, "lr": cfg.float_lr})

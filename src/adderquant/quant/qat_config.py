@@ -18,9 +18,12 @@ class QATConfig:
     epochs: int = 4  # passes over the training images (ignored when steps is set)
     steps: int | None = None  # optimizer steps in all (overrides epochs)
     batch_size: int = 128
-    # Adam learning rate of the adder layers' weights, steps and biases, in units of each
-    # layer's mean grid step (scale-free across layers and networks); cosine decay to 0
-    lr: float = 0.01
+    # Adam learning rate of the adder layers' weights and biases, in units of each layer's mean
+    # grid step (scale-free across layers and networks); cosine decay to 0
+    lr: float = 0.005
+    # Adam learning rate of the grid steps, relative to each step (Adam's update ignores the
+    # gradient's scale, so the steps need their own, smaller rate)
+    step_lr: float = 5e-4
     float_lr: float = 1e-4  # Adam learning rate of the float layers (first conv, classifier, BN)
     loss: str = "kl"  # kl: distillation from the float model's logits; ce: cross-entropy
     temperature: float = 1.0  # of the distillation loss (multiplied back by T^2)
@@ -42,7 +45,7 @@ class QATConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
-        for name in ("lr", "float_lr", "temperature"):
+        for name in ("lr", "step_lr", "float_lr", "temperature"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number above 0, got {value}")
