@@ -20,11 +20,11 @@ class QATConfig:
     batch_size: int = 128
     # Adam learning rate of the adder layers' weights and biases, in units of each layer's mean
     # grid step (scale-free across layers and networks); cosine decay to 0
-    lr: float = 0.005
+    lr: float = 5e-4
     # Adam learning rate of the grid steps, relative to each step (Adam's update ignores the
     # gradient's scale, so the steps need their own, smaller rate)
-    step_lr: float = 5e-4
-    float_lr: float = 1e-4  # Adam learning rate of the float layers (first conv, classifier, BN)
+    step_lr: float = 5e-5
+    float_lr: float = 1e-5  # Adam learning rate of the float layers (first conv, classifier, BN)
     loss: str = "kl"  # kl: distillation from the float model's logits; ce: cross-entropy
     temperature: float = 1.0  # of the distillation loss (multiplied back by T^2)
     bn_refresh_batches: int = 50  # train-mode batches re-estimating BatchNorm at start/freeze
