@@ -5,7 +5,7 @@ costs; calling a saved build and the current one alternately on the same tensors
 process makes both see the same load. Times are the best process CPU time of ``--repeats``
 rounds (one thread) for the ResNet-20 adder layer shapes, forward and AdderNet backward.
 
-    cp src/adderquant/ops/_adder_kernel*.so /tmp/baseline.so     # before a change
+    cp src/adderquant/ops/_kernels*.so /tmp/baseline.so          # before a change
     # ... change and rebuild (make install) ...
     python benchmarks/adder_kernel_ab.py --baseline /tmp/baseline.so
 """
@@ -20,18 +20,11 @@ from collections.abc import Callable
 
 import torch
 
-from adderquant.ops import _kernel
-from adderquant.ops.adder import _geometry
+from adderquant.ops._loader import load_library, open_library
+from adderquant.ops.geometry import adder_geometry
 from resnet20_shapes import SHAPES
 
-
-def open_build(path: str) -> ctypes.CDLL:
-    """The kernel library at ``path`` with its float32 functions declared."""
-    lib = ctypes.CDLL(path)
-    ptr, geom, i32 = ctypes.c_void_p, ctypes.POINTER(_kernel.Geometry), ctypes.c_int
-    lib.adder_forward_f32.argtypes = [geom, ptr, ptr, ptr, i32]
-    lib.adder_backward_f32.argtypes = [geom, ptr, ptr, ptr, ptr, ptr, i32, i32]
-    return lib
+BEST_PATH = -1  # the kernels' argument for the best instruction set this CPU runs
 
 
 def best_times(call: Callable[[ctypes.CDLL], int], libs: list[ctypes.CDLL],
@@ -54,28 +47,28 @@ def layer_calls(batch: int, c_in: int, c_out: int, size: int, k: int,
     """The forward and the AdderNet backward call of one layer shape on random tensors."""
     x = torch.randn(batch, c_in, size, size)
     w = torch.randn(c_out, c_in, k, k)
-    geom = _geometry(x, w, stride, k // 2, 1, 1)
+    geom = adder_geometry(x, w, stride, k // 2, 1, 1)
     y = torch.empty(batch, c_out, geom.h_out, geom.w_out)
     gy, gx, gw = torch.randn_like(y), torch.empty_like(x), torch.empty_like(w)
     return {
         "forward": lambda lib: lib.adder_forward_f32(
-            ctypes.byref(geom), x.data_ptr(), w.data_ptr(), y.data_ptr(), 1),
+            geom, x.data_ptr(), w.data_ptr(), y.data_ptr(), BEST_PATH, 1),
         "backward": lambda lib: lib.adder_backward_f32(
-            ctypes.byref(geom), x.data_ptr(), w.data_ptr(), gy.data_ptr(), gx.data_ptr(),
-            gw.data_ptr(), 0, 1),
+            geom, x.data_ptr(), w.data_ptr(), gy.data_ptr(), gx.data_ptr(), gw.data_ptr(), 0,
+            BEST_PATH, 1),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, help="a saved _adder_kernel*.so")
+    parser.add_argument("--baseline", required=True, help="a saved _kernels*.so")
     parser.add_argument("--candidate", default=None,
                         help="the build to compare (default: the installed one)")
     parser.add_argument("--batch", type=int, default=32, help="images per call")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per measurement")
     args = parser.parse_args()
-    candidate = args.candidate or _kernel.load_library()._name
-    libs = [open_build(args.baseline), open_build(candidate)]
+    candidate = args.candidate or load_library()._name
+    libs = [open_library(args.baseline), open_library(candidate)]
     ratios: dict[str, list[float]] = {"forward": [], "backward": []}
     print(f"{'layer (ms per call, 1 thread)':30s} {'fwd base':>9s} {'new':>7s} {'ratio':>6s} "
           f"{'bwd base':>9s} {'new':>7s} {'ratio':>6s}")

@@ -18,21 +18,16 @@ import torch
 from adderquant.data import TensorLoader, load_dataset
 from adderquant.hub import checkpoint_path
 from adderquant.models import create_model, load_pretrained, model_record
-from adderquant.quant import PTQConfig, ptq
-from adderquant.quant.config import METHOD_DEFAULTS
-from adderquant.quant.layers import QuantAdder2d
-from adderquant.quant.ptq import CalibrationSet
+from adderquant.quant import CalibrationSet, integer_path, quantize
+from adderquant.quant.registry import get_method
 from passes import fastest_pass
 
 
 def timed_predictions(model: torch.nn.Module, batches: list[torch.Tensor], integer: bool,
                       reps: int) -> tuple[float, torch.Tensor]:
     """:func:`fastest_pass` with the integer kernel of the quantized layers on or off."""
-    QuantAdder2d.integer_kernel = integer
-    try:
+    with integer_path(model, integer):
         return fastest_pass(model, batches, reps)
-    finally:
-        QuantAdder2d.integer_kernel = True
 
 
 def main() -> None:
@@ -53,9 +48,8 @@ def main() -> None:
     rows = []
     for method in ("adderquant", "paper"):
         for bits in args.bits:
-            cfg = PTQConfig(method=method, bits=bits, **{"calib_batches": 2,
-                            **METHOD_DEFAULTS.get(method, {})})
-            qmodel, _ = ptq(model, CalibrationSet.from_config(cfg), cfg)
+            cfg = get_method(method).config(bits=bits, calib_batches=2)
+            qmodel = quantize(model, cfg, CalibrationSet.from_config(cfg))
             t_float, p_float = timed_predictions(qmodel, batches, False, args.reps)
             t_int, p_int = timed_predictions(qmodel, batches, True, args.reps)
             rows.append({"method": method, "bits": bits, "float_s": t_float, "integer_s": t_int,

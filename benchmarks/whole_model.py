@@ -19,9 +19,9 @@ from adderquant.data import load_dataset, normalize
 from adderquant.engine import IntegerEngine, lower
 from adderquant.hub import checkpoint_path
 from adderquant.models import create_model, load_pretrained, model_record
-from adderquant.quant import PTQConfig, ptq
-from adderquant.quant.config import METHOD_DEFAULTS
+from adderquant.quant import quantize
 from adderquant.quant.ptq import CalibrationSet
+from adderquant.quant.registry import get_method
 from passes import fastest_pass
 
 
@@ -45,9 +45,8 @@ def main() -> None:
     cnn_x = normalize(images, cnn_rec.mean, cnn_rec.std).split(args.batch_size)
     adder = load_pretrained(create_model("resnet20"), checkpoint_path(adder_rec)).eval()
     cnn = load_pretrained(create_model("resnet20-cnn"), checkpoint_path(cnn_rec)).eval()
-    cfg = PTQConfig(method=args.method, bits=args.bits,
-                    **{**METHOD_DEFAULTS.get(args.method, {}), "calib_batches": 4})
-    qmodel, _ = ptq(adder, CalibrationSet.from_config(cfg), cfg)
+    cfg = get_method(args.method).config(bits=args.bits, calib_batches=4)
+    qmodel = quantize(adder, cfg, CalibrationSet.from_config(cfg))
     engine = IntegerEngine(lower(qmodel, "resnet20", "cifar10"), threads=args.threads)
 
     runs = {

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from adderquant.models import create_model
-from adderquant.quant.analysis import format_accuracy_table, logits, mean_kl, over_seeds
+from adderquant.studies.experiment import logits, mean_kl
+from adderquant.studies.reproduce import format_accuracy_table, over_seeds
 
 
 def test_mean_kl_matches_the_definition() -> None:

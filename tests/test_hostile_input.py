@@ -26,9 +26,8 @@ from adderquant.cli import main
 from adderquant.engine import export_model, fakequant_model, load_package
 from adderquant.engine.package import GRAPH_FILE, MANIFEST_FILE, PackageError
 from adderquant.models import create_model
-from adderquant.quant.analysis import accuracy_table
 from adderquant.quant.io import save_quantized
-from adderquant.quant.methods import select_rows
+from adderquant.studies.reproduce import accuracy_table, select_rows
 from test_engine import input_thresholds, quantize_resnet
 from test_export import rewrite
 
@@ -109,11 +108,18 @@ def test_case01_devices_fifos_and_folders_are_never_replaced(tmp_path, aq_file, 
         before = os.lstat(target)
         for argv in (["ptq", "--limit", "200", "--method", "fp", "--out", str(target)],
                      ["ptq", "--limit", "200", "--method", "fp", "--report", str(target)],
-                     ["reproduce", "--limit", "200", "--json", str(target)],
-                     ["train", "--epochs", "1", "--limit", "64", "--out", str(target)]):
+                     ["reproduce", "--limit", "200", "--json", str(target)]):
             err = error([*argv, *MISSING_DATA], capsys)
             assert f"refusing to write {target}" in err and "not a regular file" in err, (what,
                                                                                            err)
+        # train writes a run folder: one of its files is a link to the target
+        run_dir = tmp_path / f"run-{what.replace(' ', '-')}"
+        run_dir.mkdir()
+        (run_dir / "model.pth").symlink_to(target)
+        err = error(["train", "--epochs", "1", "--limit", "64", "--out", str(run_dir),
+                     *MISSING_DATA], capsys)
+        assert f"refusing to write {run_dir / 'model.pth'}" in err, (what, err)
+        assert "not a regular file" in err, (what, err)
         with pytest.raises(OutputError, match="not a regular file"):
             write_bytes_atomic(target, b"x")
         after = os.lstat(target)
@@ -267,23 +273,25 @@ def test_case09_the_entry_point_imports_nothing_a_ctrl_c_could_cut(tmp_path):
 def test_case09_ctrl_c_during_the_work_or_a_write_leaves_nothing_behind(
     tmp_path, fashion_root, monkeypatch, capsys
 ) -> None:
-    out = tmp_path / "t.pth"
+    out = tmp_path / "run"
     argv = ["train", "--model", "lenet5", "--epochs", "1", "--limit", "16", "--data",
             str(fashion_root), "--out", str(out), "--json"]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("adderquant.cli.train_cmd.train", interrupted)
+    monkeypatch.setattr("adderquant.train.fit", interrupted)
     assert main(argv) == 130
     assert capsys.readouterr().err == "adderquant: interrupted\n"
     monkeypatch.undo()
-    out.write_bytes(b"previous")
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"previous")
     monkeypatch.setattr(_io.os, "replace", interrupted)  # Ctrl-C just before the rename
     assert main(argv) == 130
     assert capsys.readouterr().err == "adderquant: interrupted\n"
-    assert out.read_bytes() == b"previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "t.pth"]
+    assert (out / "last.pt").read_bytes() == b"previous"
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
 
 
 def test_case13_a_second_writer_into_a_package_folder_fails_clearly(aq_file, tmp_path, capsys):

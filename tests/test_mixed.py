@@ -12,7 +12,7 @@ from torch import nn
 
 from adderquant.models import create_model
 from adderquant.quant.bn import reestimate_bn
-from adderquant.quant.config import PTQConfig
+from adderquant.quant.config import AdderQuantConfig
 from adderquant.quant.layers import QuantAdder2d
 from adderquant.quant.mixed import (
     adder_operations,
@@ -21,7 +21,7 @@ from adderquant.quant.mixed import (
     first_images,
     measure_sensitivity,
 )
-from adderquant.quant.ptq import CalibrationSet, ptq
+from adderquant.quant.ptq import CalibrationSet, quantize_with_report
 
 
 def test_candidate_bits() -> None:
@@ -159,10 +159,9 @@ def test_ptq_with_an_average_bit_budget(small_model) -> None:
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
     calib = CalibrationSet(images, torch.zeros(32, dtype=torch.long), "cifar10", batch_size=16)
-    cfg = PTQConfig(method="adderquant", avg_bits=3.0, calib_batches=1, report_images=4,
-                    bias_correction="none", clip_candidates=3, search_positions=64,
-                    mp_images=8, grouping=False)
-    qmodel, report = ptq(small_model, calib, cfg)
+    cfg = AdderQuantConfig(avg_bits=3.0, calib_batches=1, report_images=4,
+                           clip_candidates=3, search_positions=64, mp_images=8, grouping=False)
+    qmodel, report = quantize_with_report(small_model, cfg, calib)
     mp = report["mixed_precision"]
     bits = {n: m.bits for n, m in qmodel.named_modules() if isinstance(m, QuantAdder2d)}
     assert bits == report["config"]["layer_bits"] == {e["layer"]: e["bits"] for e in mp["layers"]}
@@ -171,4 +170,4 @@ def test_ptq_with_an_average_bit_budget(small_model) -> None:
     assert all(set(e["sensitivity"]) == {"2", "3", "4"} for e in mp["layers"])
     assert "mixed_precision" in report["seconds"]
     with pytest.raises(ValueError, match="either layer_bits"):
-        ptq(small_model, calib, cfg.replace(layer_bits={"layer1.0.conv1": 4}))
+        quantize_with_report(small_model, cfg.replace(layer_bits={"layer1.0.conv1": 4}), calib)

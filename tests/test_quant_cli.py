@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+import adderquant
 from adderquant.cli import main
-from adderquant.quant.analysis import Experiment
-from adderquant.quant.config import PTQConfig
+from adderquant.models import create_model, load_pretrained
+from adderquant.quant.config import PaperConfig, QSSFConfig
 from adderquant.quant.io import load_quantized
+from adderquant.studies.experiment import Experiment
 
 TINY = ["--calib-batches", "1", "--calib-batch-size", "16", "--bias-correction-batches", "1",
         "--limit", "40", "--batch-size", "40", "--no-progress"]
@@ -40,6 +43,31 @@ def test_ptq_command_saves_a_model_that_loads_and_scores_the_same(
     assert code == 0 and json.loads(capsys.readouterr().out)["layers"] == []
 
 
+def test_ptq_command_and_the_python_call_give_the_same_model(
+    shared_data_root, released_checkpoint, tmp_path, capsys
+) -> None:
+    out = tmp_path / "q.pt"
+    assert main(["ptq", "--bits", "3", "--out", str(out), "-v", *TINY,
+                 *model_args(shared_data_root, released_checkpoint)]) == 0
+    assert "quantized 20 adder layers with adderquant" in capsys.readouterr().err  # -v: debug
+    from_cli, payload = load_quantized(out)
+    model = load_pretrained(create_model("resnet20"), released_checkpoint)
+    # the three lines of docs/api.md, with the settings of TINY
+    config = adderquant.AdderQuantConfig(bits=3, calib_batches=1, calib_batch_size=16,
+                                         bias_correction_batches=1)
+    qmodel = adderquant.quantize(
+        model, config, adderquant.CalibrationSet.from_config(config, root=shared_data_root))
+    assert payload["config"] == config.as_dict()
+    expected = qmodel.state_dict()
+    state = from_cli.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == state[key].dtype and torch.equal(value, state[key]), key
+        else:
+            assert value == state[key], key
+
+
 def test_ptq_command_reports_bad_settings(shared_data_root, released_checkpoint, capsys) -> None:
     args = model_args(shared_data_root, released_checkpoint)
     assert main(["ptq", "--method", "paper", "--bits", "9", *TINY, *args]) == 2
@@ -48,6 +76,12 @@ def test_ptq_command_reports_bad_settings(shared_data_root, released_checkpoint,
     assert "exceeds the 16 output channels" in capsys.readouterr().err
     assert main(["ptq", "--calib-pool", "60000", *TINY, *args]) == 2
     assert "exceeds the 50000 training images" in capsys.readouterr().err
+    # settings of another method are refused before any data is read, naming the flag
+    assert main(["ptq", "--method", "qssf", "--groups", "2", *TINY, *args]) == 2
+    assert "--groups do(es) not apply to method 'qssf'" in capsys.readouterr().err
+    assert main(["analyze", "ablation", "--method", "adderquant", *TINY, *args]) == 2
+    assert ("varies ['act_clip', 'weight_clamp'], which method 'adderquant' does not have"
+            in capsys.readouterr().err)
 
 
 def test_reproduce_and_analyze_write_their_tables(
@@ -98,18 +132,17 @@ def test_paper_method_meets_the_targets_and_beats_the_shared_scale(
 ) -> None:
     exp = Experiment.load(released_resnet20, "cifar10", shared_data_root)
     targets = {8: 90.8, 6: 90.6, 5: 90.2, 4: 89.6}
-    base = PTQConfig()
     for bits, target in targets.items():
-        paper = exp.run(base.replace(bits=bits))[1]["top1"]
+        paper = exp.run(PaperConfig(bits=bits))[1]["top1"]
         # the shared-scale baseline as in the reproduce table: no repair after quantization
-        qssf = exp.run(base.replace(method="qssf", qssf_source="max", bias_correction="none",
-                                    bits=bits))[1]["top1"]
+        qssf = exp.run(QSSFConfig(qssf_source="max", bias_correction="none",
+                                  bits=bits))[1]["top1"]
         assert paper >= target, (bits, paper)
         assert paper > qssf + 5, (bits, paper, qssf)
 
 
 def test_reproduce_rows_default_all_and_named() -> None:
-    from adderquant.quant.methods import select_rows
+    from adderquant.studies.reproduce import select_rows
 
     default = [r.name for r in select_rows(None)]
     assert default[:4] == ["fp", "qssf", "paper-faithful", "paper"]
@@ -127,7 +160,9 @@ def test_ptq_help_shows_the_defaults_it_runs_with(capsys) -> None:
         main(["ptq", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "quantization method (default: adderquant)" in text
-    assert "calib batches (default: 2; other methods: 202)" in text
+    assert "calibration batches (default: 2 (adderquant); paper, qssf: 202)" in text
+    assert "--act-clip {released,quantile,max,mse} activation threshold" in text
+    assert "(paper only; default: mse)" in text
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])
     assert "quantization method (default: paper)" in " ".join(capsys.readouterr().out.split())

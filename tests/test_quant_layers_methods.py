@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from adderquant.engine.requant import codes_from_float
 from adderquant.engine.sad import ConvGeometry
 from adderquant.nn import Adder2d
 from adderquant.ops.reference import adder2d_reference
+from adderquant.quant import grouping
 from adderquant.quant.calibrate import ActivationObserver
-from adderquant.quant.config import PTQConfig
+from adderquant.quant.config import PaperConfig, QSSFConfig
 from adderquant.quant.grid import CodeRange
-from adderquant.quant.layers import QuantAdder2d
-from adderquant.quant.methods import (
-    METHODS,
-    LayerCache,
-    get_method,
-    method_names,
-    resolve_groups,
-)
+from adderquant.quant.grouping import kmeans_groups
+from adderquant.quant.layers import QuantAdder2d, integer_path
+from adderquant.quant.methods import quantize_paper, quantize_qssf, resolve_groups
+from adderquant.quant.registry import METHODS, LayerCache, Method, get_method, method_names
 from adderquant.quant.report import output_sqnr
 
 
@@ -98,8 +99,8 @@ def test_g1_without_clamp_equals_a_single_scale_quantizer() -> None:
     layer.adder.data = torch.randn(8, 4, 3, 3, generator=g) * 10
     x = torch.rand(2, 4, 7, 7, generator=g).double() * 3
     bits = 5
-    cfg = PTQConfig(bits=bits, grouping=False, weight_clamp=False)
-    q, report = get_method("paper")("l", layer, observer_for(x.float()), bits, cfg)
+    cfg = PaperConfig(bits=bits, grouping=False, weight_clamp=False)
+    q, report = quantize_paper("l", layer, observer_for(x.float()), bits, cfg)
     # the single-scale quantizer written out: s = max|W|, Δ = s/(2^b − 1)
     w = layer.adder.detach().double()
     step = w.abs().max() / (2**bits - 1)
@@ -110,8 +111,8 @@ def test_g1_without_clamp_equals_a_single_scale_quantizer() -> None:
     assert torch.allclose(q(x.float()).double(), ref, rtol=1e-5, atol=1e-3)
     assert report["group_sizes"] == [8] and report["weights_clamped"] == 0.0
     # qssf with the scale from the weights is the same quantizer
-    q2, _ = get_method("qssf")("l", layer, observer_for(x.float()), bits,
-                               cfg.replace(method="qssf", qssf_source="weights"))
+    q2, _ = quantize_qssf("l", layer, observer_for(x.float()), bits,
+                          QSSFConfig(bits=bits, qssf_source="weights"))
     assert torch.equal(q2(x.float()), q(x.float()))
 
 
@@ -122,8 +123,8 @@ def test_paper_group_scale_is_min_of_group_max_and_threshold() -> None:
     w[3:, 0] = torch.tensor([40.0, -50.0, 60.0]).view(3, 1, 1)  # and three large ones
     layer.adder.data = w
     x = torch.rand(64, 2, 4, 4, generator=g) * 2
-    cfg = PTQConfig(bits=8, groups=2, act_clip="max")
-    q, report = get_method("paper")("l", layer, observer_for(x), 8, cfg)
+    cfg = PaperConfig(bits=8, groups=2, act_clip="max")
+    q, report = quantize_paper("l", layer, observer_for(x), 8, cfg)
     a = float(x.max())
     small = float(w[:3].abs().max())
     assert sorted(report["group_sizes"]) == [3, 3]
@@ -140,14 +141,14 @@ def test_paper_group_scale_is_min_of_group_max_and_threshold() -> None:
 
 def test_groups_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="exceeds the 16 output channels"):
-        resolve_groups(PTQConfig(groups=32), 16)
-    assert resolve_groups(PTQConfig(groups="per-channel"), 16) == 16
-    assert resolve_groups(PTQConfig(grouping=False, groups=8), 16) == 1
+        resolve_groups(PaperConfig(groups=32), 16)
+    assert resolve_groups(PaperConfig(groups="per-channel"), 16) == 16
+    assert resolve_groups(PaperConfig(grouping=False, groups=8), 16) == 1
     with pytest.raises(ValueError, match="positive integer"):
-        PTQConfig(groups=0)
+        PaperConfig(groups=0)
     with pytest.raises(ValueError, match="unknown quantization method"):
         get_method("nope")
-    assert {"fp", "paper", "qssf"} <= set(method_names())
+    assert method_names() == ("paper", "qssf", "adderquant")
 
 
 def same_grid_reference(layer: QuantAdder2d, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,7 @@ def test_integer_kernel_path_is_exact_on_same_grid_codes(bits: int, stride: int)
     q = QuantAdder2d.from_float(layer, group, scale, zero, CodeRange.same_grid(bits))
     x = torch.randn(3, 5, 9, 9, generator=g) * 3  # negative inputs meet the zero points
     with torch.no_grad():
-        assert q._uses_integer_kernel(x)
+        assert q.integer_path_applies(x)
         y_int = q(x)
     ref = same_grid_reference(q, x)
     assert torch.allclose(y_int.double(), ref, rtol=1e-6, atol=1e-4)
@@ -195,7 +196,7 @@ def test_integer_kernel_path_covers_paper_codes_up_to_8_bits() -> None:
         _, q, x = make_layer([0, 1, 0, 1, 1, 0], steps, bits=bits)
         assert int((2 * q.weight_codes).min()) < 0  # some weights lie below the codes
         with torch.no_grad():
-            assert q._uses_integer_kernel(x)
+            assert q.integer_path_applies(x)
             assert torch.allclose(q(x).double(), integer_reference(q, x), rtol=1e-6, atol=1e-3)
 
 
@@ -215,8 +216,8 @@ def test_integer_kernel_path_hands_nan_and_inf_inputs_to_the_definition() -> Non
     x[1, 0, 0, 0] = float("inf")
     with torch.no_grad():
         y = q(x)
-        q.integer_kernel = False  # the float adder kernel on dequantized values
-        expected = q(x)
+        with integer_path(q, enabled=False):  # the float adder kernel on dequantized values
+            expected = q(x)
     assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y).any()
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(y), finite)
@@ -225,14 +226,55 @@ def test_integer_kernel_path_hands_nan_and_inf_inputs_to_the_definition() -> Non
         codes_from_float(x, q.scale, q.zero_point, 4, ConvGeometry((3, 3), (1, 1), (1, 1)))
 
 
+def test_kmeans_hides_only_the_warning_of_fewer_distinct_values_than_groups(
+    monkeypatch,
+) -> None:
+    values = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0])  # 2 distinct values, 3 groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = kmeans_groups(values, 3).tolist()
+    assert labels[:3] == [labels[0]] * 3 and labels[3] == labels[4] != labels[0]
+
+    class WarningKMeans(grouping.KMeans):
+        def fit(self, data):
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+            return super().fit(data)
+
+    monkeypatch.setattr(grouping, "KMeans", WarningKMeans)
+    with pytest.warns(UserWarning, match="another warning"):
+        kmeans_groups(torch.tensor([1.0, 2.0, 3.0, 4.0]), 2)
+
+
+def test_integer_path_is_chosen_per_model_within_a_block(monkeypatch) -> None:
+    _, q, x = make_layer([0, 1, 0, 1], [0.1, 0.2], bits=4)
+    other = copy.deepcopy(q)
+    calls = []
+    original = QuantAdder2d._integer_forward
+    monkeypatch.setattr(QuantAdder2d, "_integer_forward",
+                        lambda self, x: calls.append(self) or original(self, x))
+    with torch.no_grad():
+        y_int = q(x)
+        with integer_path(nn.Sequential(q), enabled=False):
+            y_float = q(x)
+            other(x)  # another model keeps its own choice
+        assert calls == [q, other]
+        with pytest.raises(RuntimeError), integer_path(q, enabled=False):
+            raise RuntimeError
+        q(x)
+    assert calls == [q, other, q] and q.use_integer_path and other.use_integer_path
+    assert q.integer_path_applies(x)  # the check reports whether it applies, not the choice
+    assert torch.allclose(y_int, y_float, rtol=1e-5, atol=1e-4)
+
+
 def test_layer_cache_quantizes_each_layer_once_and_hands_out_copies(monkeypatch) -> None:
     float_layer, _, x = make_layer([0, 1, 0, 1, 1, 0], [0.1, 0.2])
     observer = ActivationObserver()
     observer.update(x)
     calls = []
-    original = METHODS["paper"]
-    monkeypatch.setitem(METHODS, "paper", lambda *args: calls.append(args[3]) or original(*args))
-    cache, cfg = LayerCache(), PTQConfig(method="paper", groups=2)
+    original = METHODS["paper"].quantize_layer
+    monkeypatch.setitem(METHODS, "paper", Method(
+        PaperConfig, lambda *args: calls.append(args[3]) or original(*args)))
+    cache, cfg = LayerCache(), PaperConfig(groups=2)
     q1, r1 = cache.quantize("l", float_layer, observer, 4, cfg)
     # the width comes from the argument: a configuration differing only in widths shares it
     q2, r2 = cache.quantize("l", float_layer, observer, 4, cfg.replace(bits=6, avg_bits=5.0))

@@ -9,17 +9,30 @@ import pytest
 import torch
 from torch import nn
 
+from adderquant.cli.config_args import add_config_args, config_from_args
 from adderquant.models import create_model
 from adderquant.nn import Adder2d
 from adderquant.quant.bn import correct_adder_bias, reestimate_bn
-from adderquant.quant.config import PTQConfig, add_config_args, config_from_args
+from adderquant.quant.config import AdderQuantConfig, PaperConfig, QSSFConfig
 from adderquant.quant.io import load_quantized, save_quantized
 from adderquant.quant.layers import QuantAdder2d
-from adderquant.quant.methods import method_names
-from adderquant.quant.ptq import CalibrationSet, collect_statistics, ptq, quantize_model
+from adderquant.quant.ptq import (
+    CalibrationSet,
+    collect_statistics,
+    quantize,
+    quantize_model,
+    quantize_with_report,
+)
 
 FAST = {"calib_batches": 1, "calib_batch_size": 4, "report_images": 1,
         "bias_correction_batches": 1, "bn_batches": 1}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Equal keys, and equal tensors (dtype and values) and other entries under them."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor)
+        else a[k] == b[k] for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +52,10 @@ def calib() -> CalibrationSet:
 
 
 def test_ptq_quantizes_adder_layers_only_and_is_deterministic(model, calib) -> None:
-    cfg = PTQConfig(bits=6, layer_bits={"layer3.2.conv2": 8}, bias_correction="float-input",
+    cfg = PaperConfig(bits=6, layer_bits={"layer3.2.conv2": 8}, bias_correction="float-input",
                     **FAST)
-    q1, report = ptq(model, calib, cfg)
-    q2, _ = ptq(model, calib, cfg)
+    q1, report = quantize_with_report(model, cfg, calib)
+    q2, _ = quantize_with_report(model, cfg, calib)
     assert isinstance(q1.conv1, nn.Conv2d) and isinstance(q1.fc, nn.Conv2d)
     assert torch.equal(q1.conv1.weight, model.conv1.weight)
     quant = {n: m for n, m in q1.named_modules() if isinstance(m, QuantAdder2d)}
@@ -59,7 +72,7 @@ def test_ptq_quantizes_adder_layers_only_and_is_deterministic(model, calib) -> N
 
 
 def test_bias_correction_removes_the_mean_error_of_each_layer(model, calib) -> None:
-    cfg = PTQConfig(bits=4, **FAST)
+    cfg = PaperConfig(bits=4, **FAST)
     observers = collect_statistics(model, calib, cfg)
     plain, _ = quantize_model(model, observers, cfg)
     corrected, _ = quantize_model(model, observers, cfg)
@@ -91,20 +104,20 @@ def test_bn_reestimation_recomputes_running_statistics() -> None:
 
 def test_pipeline_errors(model, calib) -> None:
     with pytest.raises(ValueError, match="no adder layers"):
-        ptq(nn.Sequential(nn.Conv2d(3, 4, 1)), calib, PTQConfig(**FAST))
+        quantize(nn.Sequential(nn.Conv2d(3, 4, 1)), PaperConfig(**FAST), calib)
     with pytest.raises(ValueError, match="unknown adder layers"):
-        ptq(model, calib, PTQConfig(layer_bits={"nope": 4}, **FAST))
+        quantize(model, PaperConfig(layer_bits={"nope": 4}, **FAST), calib)
     with pytest.raises(ValueError, match="calibration set is empty"):
-        ptq(model, [], PTQConfig(**FAST))
+        quantize(model, PaperConfig(**FAST), [])
     with pytest.raises(ValueError, match=r"layer_bits\['x'\].*from 2 to 8"):
-        PTQConfig(layer_bits={"x": 9})
+        PaperConfig(layer_bits={"x": 9})
     with pytest.raises(ValueError, match="from 2 to 8"):
-        PTQConfig(bits=1)
+        PaperConfig(bits=1)
 
 
 def test_save_and_load_rebuild_the_quantized_model(model, calib, tmp_path) -> None:
-    cfg = PTQConfig(bits=5, groups="per-channel", **FAST)
-    q, report = ptq(model, calib, cfg)
+    cfg = PaperConfig(bits=5, groups="per-channel", **FAST)
+    q, report = quantize_with_report(model, cfg, calib)
     path = tmp_path / "q.pt"
     save_quantized(path, q, "resnet20", 10, cfg.as_dict(), report)
     loaded, payload = load_quantized(path)
@@ -121,24 +134,40 @@ def test_save_and_load_rebuild_the_quantized_model(model, calib, tmp_path) -> No
 
 def test_config_from_file_preset_and_flags(tmp_path) -> None:
     parser = argparse.ArgumentParser()
-    add_config_args(parser, method_names())
+    add_config_args(parser, PaperConfig.method)
     (tmp_path / "c.yaml").write_text("bits: 5\ngroups: 8\nact_clip: mse\n")
     (tmp_path / "c.json").write_text(json.dumps({"bits": 3, "weight_clamp": False}))
     args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--groups", "per-channel",
                               "--layer-bits", "layer1.0.conv1=8", "--no-grouping",
                               "--bn-momentum", "none"])
     cfg = config_from_args(args)
+    assert isinstance(cfg, PaperConfig)
     assert (cfg.bits, cfg.groups, cfg.act_clip, cfg.grouping) == (5, "per-channel", "mse", False)
     assert cfg.layer_bits == {"layer1.0.conv1": 8} and cfg.bn_momentum is None
     cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.json"),
                                               "--preset", "faithful"]))
     assert (cfg.bits, cfg.weight_clamp, cfg.bn_reestimate) == (3, True, True)
-    assert PTQConfig.from_file(tmp_path / "c.json").weight_clamp is False
-    (tmp_path / "bad.yaml").write_text("bitz: 4\n")
-    with pytest.raises(ValueError, match=r"unknown configuration field\(s\) \['bitz'\]"):
-        PTQConfig.from_file(tmp_path / "bad.yaml")
+    assert PaperConfig.from_dict(json.loads((tmp_path / "c.json").read_text())).bits == 3
+    with pytest.raises(ValueError, match=r"method 'paper' has no setting \['bitz'\]"):
+        PaperConfig.from_dict({"bitz": 4})
     with pytest.raises(SystemExit):
         parser.parse_args(["--act-clip", "median"])
+    # the method's own defaults, and flags of another method refused with their names
+    cfg = config_from_args(parser.parse_args(["--method", "adderquant"]))
+    assert cfg == AdderQuantConfig() and cfg.calib_batches == 2
+    with pytest.raises(ValueError, match="--act-clip do.*not apply to method 'adderquant'"):
+        config_from_args(parser.parse_args(["--method", "adderquant", "--act-clip", "max"]))
+
+
+def test_each_method_carries_its_own_defaults() -> None:
+    assert (AdderQuantConfig().calib_batches, AdderQuantConfig().report_images,
+            AdderQuantConfig().bias_correction) == (2, 128, "none")
+    assert (PaperConfig().calib_batches, PaperConfig().report_images,
+            PaperConfig().bias_correction) == (202, 32, "float-input")
+    assert QSSFConfig().qssf_source == "weights" and not hasattr(QSSFConfig(), "groups")
+    assert PaperConfig().as_dict()["method"] == "paper"
+    with pytest.raises(ValueError, match="method 'qssf' has no setting \\['groups'\\]"):
+        QSSFConfig().replace(groups=2)
 
 
 def test_skipping_negligible_bn_batches_changes_statistics_by_at_most_their_weight() -> None:
@@ -169,19 +198,49 @@ def test_unknown_method_fails_before_calibration() -> None:
         raise AssertionError("calibration ran")
         yield
 
+    class Unregistered(PaperConfig):
+        method = "papr"
+
     with pytest.raises(ValueError, match="unknown quantization method 'papr'"):
-        ptq(create_model("lenet5"), never_iterated(), PTQConfig(method="papr"))
+        quantize(create_model("lenet5"), Unregistered(), never_iterated())
+    with pytest.raises(TypeError, match="expected a quantization configuration"):
+        quantize(create_model("lenet5"), {"method": "paper"}, never_iterated())
+    with pytest.raises(ValueError, match="unknown adder layers"):
+        quantize(create_model("lenet5"), PaperConfig(layer_bits={"nope": 4}), never_iterated())
+    with pytest.raises(ValueError, match="filter_fn accepts none"):
+        quantize(create_model("lenet5"), PaperConfig(), never_iterated(),
+                 filter_fn=lambda module, name: False)
 
 
 def test_ptq_leaves_the_callers_generator_and_training_mode_alone() -> None:
     model = create_model("lenet5").train()
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 1, 28, 28, generator=gen), None) for _ in range(2)]
-    cfg = PTQConfig(method="paper", bits=4, groups=2, calib_batches=2, report_images=4,
-                    bias_correction="none")
+    cfg = PaperConfig(bits=4, groups=2, calib_batches=2, report_images=4,
+                      bias_correction="none")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    qmodel, _ = ptq(model, batches, cfg)
-    assert torch.equal(torch.rand(3), expected_next)
+    qmodel = quantize(model, cfg, batches)
+    assert torch.equal(torch.rand(3), expected_next)  # the global generator was not drawn from
     assert model.training and not qmodel.training
+    assert same_state(model.state_dict(), state)
+    torch.manual_seed(999)  # another global seed: the same quantized model
+    assert same_state(quantize(model, cfg, batches).state_dict(), qmodel.state_dict())
+
+
+def test_filter_fn_chooses_the_layers_to_quantize(model, calib) -> None:
+    cfg = PaperConfig(bits=4, bias_correction="float-input", **FAST)
+    every, _ = quantize_with_report(model, cfg, calib)
+    chosen, report = quantize_with_report(model, cfg, calib,
+                                          filter_fn=lambda m, name: name.startswith("layer1."))
+    order = [n for n, m in model.named_modules() if isinstance(m, Adder2d)]
+    quant = {n for n, m in chosen.named_modules() if isinstance(m, QuantAdder2d)}
+    assert quant == {n for n in order if n.startswith("layer1.")} and len(quant) == 6
+    assert {n for n, m in chosen.named_modules() if isinstance(m, Adder2d)} == set(order) - quant
+    assert [e["layer"] for e in report["layers"]] == [n for n in order if n in quant]
+    # bias correction on float inputs corrects each layer alone: the same layers either way
+    for name in quant:
+        assert same_state(every.get_submodule(name).state_dict(),
+                          chosen.get_submodule(name).state_dict())

@@ -13,11 +13,10 @@ from adderquant.ops.reference import adder2d_reference
 from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.clamp import lossless_clamp
 from adderquant.quant.clipsearch import grid_codes, interval_grid
-from adderquant.quant.config import PTQConfig
+from adderquant.quant.config import AdderQuantConfig
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.layers import QuantAdder2d
-from adderquant.quant.methods import get_method
-from adderquant.quant.samegrid import SameGridSettings, quantize_layer
+from adderquant.quant.samegrid import SameGridSettings, quantize_adderquant, quantize_layer
 
 INTERVALS = [(0.0, 2.5), (-1.25, 3.0), (-4.0, 0.5), (-2.0, 0.0)]
 
@@ -192,9 +191,8 @@ def test_registered_method_reads_the_configuration() -> None:
     g = torch.Generator().manual_seed(8)
     layer = Adder2d(3, 6, 3, padding=1)
     obs = _observer(torch.rand(32, 3, 6, 6, generator=g), keep=16)
-    method = get_method("adderquant")
-    cfg = PTQConfig(method="adderquant", grouping=False, clip_candidates=4, bits=3)
-    quant, report = method("block.conv", layer, obs, 3, cfg)
+    cfg = AdderQuantConfig(grouping=False, clip_candidates=4, bits=3)
+    quant, report = quantize_adderquant("block.conv", layer, obs, 3, cfg)
     assert report["layer"] == "block.conv" and report["bits"] == 3 == quant.bits
     assert quant.num_groups == 1 and quant.codes == CodeRange.same_grid(3)
     assert {"A", "act_max", "group_sizes", "ranges", "weights_clamped",
@@ -206,16 +204,15 @@ def test_adderquant_on_the_released_model(released_resnet20, shared_data_root) -
     """W8A8 and W4A4 on the 1,000-image test subset (full precision 91.6 %)."""
     from adderquant.data import TensorLoader, load_cifar
     from adderquant.evaluate import evaluate
-    from adderquant.quant.ptq import CalibrationSet, ptq
+    from adderquant.quant.ptq import CalibrationSet, quantize
 
     images, labels = load_cifar(shared_data_root, "cifar10", train=False)
     test = TensorLoader(images, labels, "cifar10", batch_size=500)
-    cfg = PTQConfig(method="adderquant", calib_batches=2, report_images=256,
-                    bias_correction="none")
+    cfg = AdderQuantConfig()
     calib = CalibrationSet.from_config(cfg, "cifar10", shared_data_root)
     top1 = {}
     for bits in (8, 4):
-        qmodel, _ = ptq(released_resnet20, calib, cfg.replace(bits=bits))
+        qmodel = quantize(released_resnet20, cfg.replace(bits=bits), calib)
         top1[bits] = evaluate(qmodel, test, progress=False).top1
     assert top1[8] >= 91.0
     assert top1[4] >= 90.0

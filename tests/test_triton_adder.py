@@ -1,7 +1,10 @@
-"""The Triton adder kernels on CUDA tensors against the plain PyTorch definition (float64).
+"""The Triton adder kernels against the plain PyTorch definition (float64): on CUDA devices
+where present, and everywhere through Triton's interpreter (``TRITON_INTERPRET=1``), which runs
+the same kernels on CPU tensors with NumPy.
 
-Skipped where CUDA or Triton is missing, except the check that importing the package leaves
-Triton alone.
+The interpreter is slow, so it runs ResNet-20's channel counts and strides on small images in
+the fast suite and the full shapes under ``-m slow``. Skipped where Triton is missing, except
+the checks that importing the package leaves Triton alone.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import ast
 import importlib
 import importlib.util
 import math
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,12 @@ from adderquant.ops.reference import adder2d_reference, adder2d_reference_grads
 
 RTOL = 1e-4
 
+# Without CUDA the kernels run in Triton's interpreter, which must be chosen before Triton is
+# first imported: ``triton.jit`` picks it when decorating, Triton's own helpers included.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 try:
     import triton  # noqa: F401
 
@@ -30,9 +41,8 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-needs_gpu = pytest.mark.skipif(
-    not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA device and Triton"
-)
+HAS_GPU = HAS_TRITON and torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and Triton")
 
 # (n, c_in, c_out, h, w, kernel (kh, kw), stride, padding, dilation, groups)
 RESNET20_LAYERS = {
@@ -52,6 +62,55 @@ OTHER_LAYERS = {
     "depthwise": (2, 8, 8, 10, 10, (3, 3), 1, 1, 1, 8),
 }
 LAYERS = {**RESNET20_LAYERS, **OTHER_LAYERS}
+# The interpreter's fast cases: ResNet-20's channels and strides on small, odd images.
+SMALL_LAYERS = {
+    "16-16 3x3 s1 8x8": (1, 16, 16, 8, 8, (3, 3), 1, 1, 1, 1),
+    "16-32 3x3 s2 9x9": (1, 16, 32, 9, 9, (3, 3), 2, 1, 1, 1),
+    "32-64 1x1 s2 7x7": (1, 32, 64, 7, 7, (1, 1), 2, 0, 1, 1),
+    "groups2 dilation2 pad2 7x6": (1, 4, 6, 7, 6, (3, 3), 1, 2, 2, 2),
+    "depthwise 6x5": (1, 4, 4, 6, 5, (3, 3), 1, 1, 1, 4),
+    "3x1 s(2,1) p(1,0) 12x9": (1, 5, 7, 12, 9, (3, 1), (2, 1), (1, 0), 1, 1),
+    "2x2 stride3 uncovered 10x11": (2, 3, 5, 10, 11, (2, 2), 3, 0, 1, 1),
+}
+SPECS = {**LAYERS, **SMALL_LAYERS}
+EXACT_CASES = ["16-32 3x3 s2 32x32", "groups2 dilation2 pad2", "3x1 stride(2,1) pad(1,0)",
+               "stride3 uncovered pixels"]
+SMALL_EXACT_CASES = ["16-32 3x3 s2 9x9", "groups2 dilation2 pad2 7x6",
+                     "3x1 s(2,1) p(1,0) 12x9", "2x2 stride3 uncovered 10x11"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the kernels run: ``adder2d`` of the Triton path and the tensors' device."""
+
+    name: str
+    adder2d: object
+    device: str
+
+
+@pytest.fixture(scope="module")
+def interpreter() -> Backend:
+    if not (HAS_TRITON and INTERPRETED):
+        pytest.skip("needs Triton, and TRITON_INTERPRET=1 set before its import (it is set "
+                    "here where CUDA is missing; CUDA devices run the compiled kernels)")
+    module = importlib.import_module("adderquant.ops.triton_adder")
+    return Backend("interpreter", module.adder2d_cuda, "cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Backend:
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA device and Triton")
+    return Backend("cuda", adder2d, "cuda")
+
+
+def _cases(names: list[str], slow_names: list[str]) -> list:
+    """(backend, case) parameters: every case on CUDA, ``names`` in the interpreter, and
+    ``slow_names`` in the interpreter under ``-m slow``."""
+    return ([pytest.param("gpu", n, id=f"cuda-{n}") for n in slow_names]
+            + [pytest.param("interpreter", n, id=f"interpreter-{n}") for n in names]
+            + [pytest.param("interpreter", n, id=f"interpreter-{n}", marks=pytest.mark.slow)
+               for n in slow_names])
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -64,8 +123,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     )
 
 
-def make_layer(spec: tuple, seed: int = 0):
-    """float32 CUDA ``x``, ``weight``, ``grad_out`` of one layer, plus its geometry arguments."""
+def make_layer(spec: tuple, device: str, seed: int = 0):
+    """float32 ``x``, ``weight``, ``grad_out`` of one layer on ``device``, plus its geometry."""
     n, c_in, c_out, h, w, (kh, kw), stride, padding, dilation, groups = spec
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c_in, h, w, generator=gen).relu()  # adder inputs follow a ReLU
@@ -73,7 +132,7 @@ def make_layer(spec: tuple, seed: int = 0):
     geometry = (stride, padding, dilation, groups)
     out_shape = adder2d_reference(x, weight, None, *geometry).shape
     grad_out = torch.randn(out_shape, generator=gen)
-    return x.cuda(), weight.cuda(), grad_out.cuda(), geometry
+    return x.to(device), weight.to(device), grad_out.to(device), geometry
 
 
 @pytest.fixture(autouse=True)
@@ -83,13 +142,13 @@ def full_precision_cudnn(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
-@needs_gpu
-@pytest.mark.parametrize("name", LAYERS)
-def test_forward_and_addernet_gradients_match_reference(name):
-    x, w, grad_out, geometry = make_layer(LAYERS[name])
+@pytest.mark.parametrize("backend, name", _cases(list(SMALL_LAYERS), list(LAYERS)))
+def test_forward_and_addernet_gradients_match_reference(request, backend, name):
+    run = request.getfixturevalue(backend)
+    x, w, grad_out, geometry = make_layer(SPECS[name], run.device)
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-    out = adder2d(xa, wa, None, *geometry, eta=None)
-    assert out.is_cuda and out.dtype == torch.float32
+    out = run.adder2d(xa, wa, None, *geometry, eta=None)
+    assert out.device.type == run.device and out.dtype == torch.float32
     assert_close(out, adder2d_reference(x.double(), w.double(), None, *geometry))
 
     gx, gw = torch.autograd.grad(out, (xa, wa), grad_out)
@@ -98,13 +157,12 @@ def test_forward_and_addernet_gradients_match_reference(name):
     assert_close(gw, ref_gw)
 
 
-@needs_gpu
-@pytest.mark.parametrize("name", ["16-32 3x3 s2 32x32", "groups2 dilation2 pad2",
-                                  "3x1 stride(2,1) pad(1,0)", "stride3 uncovered pixels"])
-def test_true_gradients_match_autograd_of_reference(name):
-    x, w, grad_out, geometry = make_layer(LAYERS[name], seed=1)
+@pytest.mark.parametrize("backend, name", _cases(SMALL_EXACT_CASES, EXACT_CASES))
+def test_true_gradients_match_autograd_of_reference(request, backend, name):
+    run = request.getfixturevalue(backend)
+    x, w, grad_out, geometry = make_layer(SPECS[name], run.device, seed=1)
     xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
-    out = adder2d(xt, wt, None, *geometry, true_gradient=True)
+    out = run.adder2d(xt, wt, None, *geometry, true_gradient=True)
     gx, gw = torch.autograd.grad(out, (xt, wt), grad_out)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     exact_gx, exact_gw = torch.autograd.grad(
@@ -114,12 +172,14 @@ def test_true_gradients_match_autograd_of_reference(name):
     assert_close(gw, exact_gw)
 
 
-@needs_gpu
-def test_eta_rescales_weight_gradient_norm():
-    x, w, grad_out, geometry = make_layer(RESNET20_LAYERS["32-32 3x3 s1 16x16"], seed=2)
+@pytest.mark.parametrize("backend", ["interpreter", "gpu"])
+def test_eta_rescales_weight_gradient_norm(request, backend):
+    run = request.getfixturevalue(backend)
+    spec = (1, 32, 32, 6, 6, (3, 3), 1, 1, 1, 1)  # a 32-32 ResNet-20 layer on a small image
+    x, w, grad_out, geometry = make_layer(spec, run.device, seed=2)
     w.requires_grad_()
     eta = 0.37
-    (gw,) = torch.autograd.grad(adder2d(x, w, None, *geometry, eta=eta), (w,), grad_out)
+    (gw,) = torch.autograd.grad(run.adder2d(x, w, None, *geometry, eta=eta), (w,), grad_out)
     _, raw = adder2d_reference_grads(x.double(), w.detach().double(), grad_out.double(),
                                      *geometry)
     expected = raw * (eta * math.sqrt(w.numel()) / raw.norm())
@@ -127,21 +187,23 @@ def test_eta_rescales_weight_gradient_norm():
     assert_close(gw, expected)
 
 
-@needs_gpu
-def test_bias_empty_batch_and_non_contiguous_inputs():
+@pytest.mark.parametrize("backend", ["interpreter", "gpu"])
+def test_bias_empty_batch_and_non_contiguous_inputs(request, backend):
+    run = request.getfixturevalue(backend)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 9, 8, 5, generator=gen).transpose(2, 3)[:, 1:7].cuda()
-    w = torch.randn(4, 3, 3, 6, generator=gen).permute(0, 3, 1, 2).cuda()
-    bias = torch.randn(4, generator=gen).cuda().requires_grad_()
+    x = torch.randn(3, 9, 8, 5, generator=gen).transpose(2, 3)[:, 1:7].to(run.device)
+    w = torch.randn(4, 3, 3, 6, generator=gen).permute(0, 3, 1, 2).to(run.device)
+    bias = torch.randn(4, generator=gen).to(run.device).requires_grad_()
     assert not x.is_contiguous() and not w.is_contiguous()
-    out = adder2d(x, w, bias, 2, 1)
-    assert_close(out, adder2d_reference(x.double(), w.double(), bias.double(), 2, 1))
+    out = run.adder2d(x, w, bias, 2, 1)
+    # the reference views its weight: give it a contiguous copy
+    assert_close(out, adder2d_reference(x.double(), w.double().contiguous(), bias.double(), 2, 1))
     (gb,) = torch.autograd.grad(out.sum(), (bias,))
     assert torch.equal(gb.cpu(), torch.full((4,), float(out[:, 0].numel())))
 
-    xe = torch.zeros(0, 6, 5, 8, device="cuda", requires_grad=True)
+    xe = torch.zeros(0, 6, 5, 8, device=run.device, requires_grad=True)
     we = w.clone().requires_grad_()
-    empty = adder2d(xe, we, None, 2, 1)
+    empty = run.adder2d(xe, we, None, 2, 1)
     assert empty.shape == (0, 4, 3, 4)
     gx, gw = torch.autograd.grad(empty.sum(), (xe, we))
     assert gx.shape == xe.shape and torch.equal(gw, torch.zeros_like(we))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
 COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "qat", "reproduce",
@@ -26,6 +29,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"adderquant.cli.{name}_cmd").register(sub)
+        verbosity = sub.choices[name].add_mutually_exclusive_group()
+        verbosity.add_argument("-v", "--verbose", action="store_true",
+                               help="also print the diagnostics of every step")
+        verbosity.add_argument("-q", "--quiet", action="store_true",
+                               help="print only warnings and the result")
         if name in RESOLVING:
             sub.choices[name].add_argument(
                 "--offline", action="store_true",
@@ -64,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             validate_args(args)
+            level = (logging.DEBUG if args.verbose else logging.WARNING if args.quiet
+                     else logging.INFO)
             with settings(offline=getattr(args, "offline", False),
-                          progress=not getattr(args, "no_progress", False)):
+                          progress=not getattr(args, "no_progress", False)), \
+                    _logging_to_stderr(level):
                 return int(args.func(args) or 0)
         except (FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
             print(f"adderquant {args.command}: error: {e}", file=sys.stderr)
@@ -73,6 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say_interrupted(restore=argv_given)
         return 130
+
+
+@contextmanager
+def _logging_to_stderr(level: int) -> Iterator[None]:
+    """The package's log records at ``level`` and above go to stderr, one line each, while
+    the command runs."""
+    logger = logging.getLogger("adderquant")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def _say_interrupted(restore: bool) -> None:

@@ -12,26 +12,25 @@ from adderquant.cli.common import (
     build_model,
     dataset_name,
 )
+from adderquant.cli.config_args import add_config_args, config_from_args, given_fields
 from adderquant.cli.validate import bit_width, positive_int
-from adderquant.quant.analysis import (
+from adderquant.quant.config import PaperConfig, QuantConfig, field_names
+from adderquant.quant.report import json_ready
+from adderquant.studies.analyses import (
     ABLATION,
     FEATURE_VARIANTS,
     GROUPS,
-    Experiment,
-    accuracy_table,
     bn_investigation,
-    format_accuracy_table,
+    check_variants,
     format_sweep,
     histograms,
     outlier_requests,
     outlier_variants,
-    plot_accuracy_vs_bits,
-    plot_sweep,
     sweep,
 )
-from adderquant.quant.config import add_config_args, config_from_args
-from adderquant.quant.methods import method_names, select_rows
-from adderquant.quant.report import json_ready
+from adderquant.studies.experiment import Experiment
+from adderquant.studies.plots import plot_accuracy_vs_bits, plot_sweep
+from adderquant.studies.reproduce import accuracy_table, format_accuracy_table, select_rows
 
 SWEEPS = {
     "ablation": (ABLATION, "parts of the method on/off"),
@@ -63,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="layers for histograms (default: %(default)s)")
     p.add_argument("--bn-images", type=positive_int, default=2048,
                    help="images per source for the BatchNorm statistics (default: 2048)")
-    add_config_args(p, method_names())
+    add_config_args(p, PaperConfig.method)
     p.set_defaults(func=run, output_dirs={"out": output_files})
 
 
@@ -75,18 +74,23 @@ def output_files(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     base = config_from_args(args)
+    for name in args.names:  # before any data is read
+        if name in SWEEPS:
+            check_variants(SWEEPS[name][0] or outlier_variants(), base)
     extra = outlier_requests() if "outliers" in args.names else ()
     exp = Experiment.load(build_model(args), dataset_name(args), args.data, args.limit,
                           extra_requests=extra, progress=not args.no_progress)
     exp.check_split(base)
-    fp = exp.run(base.replace(method="fp"))[1]["top1"]
+    fp = exp.run(None)[1]["top1"]
     for name in dict.fromkeys(args.names):
         analyze(name, exp, base, fp, args)
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def analyze(name: str, exp: Experiment, base, fp: float, args: argparse.Namespace) -> None:
+def analyze(
+    name: str, exp: Experiment, base: QuantConfig, fp: float, args: argparse.Namespace
+) -> None:
     """Run one analysis; write NAME.md, NAME.json and NAME.png under ``--out``."""
     out = Path(args.out)
     png = out / f"{name}.png"
@@ -98,7 +102,9 @@ def analyze(name: str, exp: Experiment, base, fp: float, args: argparse.Namespac
     elif name == "histograms":
         data, table = histograms(exp, base, args.layers, png)
     elif name == "bits":
-        data = accuracy_table(exp, select_rows(None), args.sweep_bits, base)
+        shared = field_names(QuantConfig)  # the settings given that every row has
+        data = accuracy_table(exp, select_rows(None), args.sweep_bits,
+                              {k: v for k, v in given_fields(args).items() if k in shared})
         table = format_accuracy_table(data)
         plot_accuracy_vs_bits(data, png)
     else:

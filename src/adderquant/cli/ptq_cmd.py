@@ -15,13 +15,17 @@ from adderquant.cli.common import (
     num_classes,
     test_loader,
 )
+from adderquant.cli.config_args import (
+    FULL_PRECISION,
+    add_config_args,
+    config_from_args,
+    method_from_args,
+)
 from adderquant.evaluate import evaluate
-from adderquant.quant.config import add_config_args, config_from_args
+from adderquant.quant.config import AdderQuantConfig
 from adderquant.quant.io import save_quantized
-from adderquant.quant.methods import FULL_PRECISION, method_names
-from adderquant.quant.ptq import CalibrationSet, ptq
+from adderquant.quant.ptq import CalibrationSet, quantize_with_report
 from adderquant.quant.report import format_table, json_ready
-from adderquant.quant.samegrid import METHOD as DEFAULT_METHOD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,19 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="write the quantized model here")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_config_args(p, method_names(), DEFAULT_METHOD)
-    p.set_defaults(func=run, output_files=("out", "report"),
-                   config_defaults={"method": DEFAULT_METHOD})
+    add_config_args(p, AdderQuantConfig.method, full_precision=True)
+    p.set_defaults(func=run, output_files=("out", "report"))
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cfg = config_from_args(args, defaults=args.config_defaults)
+    method = method_from_args(args)
     model = build_model(args)
     dataset = dataset_name(args)
-    calib = CalibrationSet.from_config(cfg, dataset, args.data)
     show = not args.no_progress and not args.json
-    qmodel, report = ptq(model, calib, cfg, progress=show)
+    if method == FULL_PRECISION:
+        qmodel, report = model, {"config": {"method": method}, "layers": [], "seconds": {}}
+    else:
+        cfg = config_from_args(args)
+        calib = CalibrationSet.from_config(cfg, dataset, args.data)
+        qmodel, report = quantize_with_report(model, cfg, calib, progress=show)
+    bits = report["config"].get("bits")
     result = evaluate(qmodel, test_loader(args), progress=show)
     report["seconds"]["evaluate"] = result.seconds
     report["seconds"]["total"] = time.perf_counter() - start
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(args.report, json_ready(report))
     if args.json:
         print(json.dumps(json_ready({
-            "model": args.model, "method": cfg.method, "bits": cfg.bits, "top1": result.top1,
+            "model": args.model, "method": method, "bits": bits, "top1": result.top1,
             "top5": result.top5, "images": result.total, "seconds": report["seconds"],
             "out": args.out, "config": report["config"], "layers": report["layers"],
             "mixed_precision": report.get("mixed_precision"),
@@ -68,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items())
     mixed = report.get("mixed_precision")
     label = (
-        "full precision" if cfg.method == FULL_PRECISION
-        else f"{cfg.method} mixed precision, {mixed['average_bits']:.2f} bits on average"
-        if mixed else f"{cfg.method} W{cfg.bits}A{cfg.bits}"
+        "full precision" if method == FULL_PRECISION
+        else f"{method} mixed precision, {mixed['average_bits']:.2f} bits on average"
+        if mixed else f"{method} W{bits}A{bits}"
     )
     print(f"{args.model} {label} on {dataset} test "
           f"({result.total} images): top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  "

@@ -14,14 +14,13 @@ from adderquant.cli.validate import bit_width, non_negative_int, positive_int, t
 from adderquant.data import TensorLoader, load_dataset
 from adderquant.evaluate import evaluate
 from adderquant.models import ADDER_MODELS
-from adderquant.quant.config import METHOD_DEFAULTS, PTQConfig
+from adderquant.quant.config import AdderQuantConfig
 from adderquant.quant.io import load_quantized, save_quantized
-from adderquant.quant.methods import FULL_PRECISION, method_names
-from adderquant.quant.ptq import CalibrationSet, ptq
+from adderquant.quant.ptq import CalibrationSet, quantize_with_report
 from adderquant.quant.qat import qat
 from adderquant.quant.qat_config import LOSSES, QATConfig
 from adderquant.quant.report import json_ready
-from adderquant.quant.samegrid import METHOD as DEFAULT_METHOD
+from adderquant.quant.registry import get_method, method_names
 
 EVAL_BATCH = 250
 _HELP = {
@@ -63,9 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score only the first N test images (default: all)")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--method", dest="ptq_method", default=DEFAULT_METHOD,
-                   choices=[m for m in method_names() if m != FULL_PRECISION],
-                   help=f"post-training method of the start (default: {DEFAULT_METHOD})")
+    p.add_argument("--method", dest="ptq_method", default=AdderQuantConfig.method,
+                   choices=method_names(),
+                   help="post-training method of the start, with its own defaults (default: "
+                   f"{AdderQuantConfig.method})")
     p.add_argument("--bits", dest="ptq_bits", type=bit_width, default=2,
                    help="bit width of weights and activations (default: 2)")
     p.add_argument("--quantized", metavar="FILE",
@@ -116,15 +116,14 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args)
     images, labels = load_dataset(dataset, args.data, train=True)
     if not args.quantized:
-        ptq_cfg = PTQConfig(**{**METHOD_DEFAULTS.get(args.ptq_method, {}),
-                               "method": args.ptq_method, "bits": args.ptq_bits})
+        ptq_cfg = get_method(args.ptq_method).config(bits=args.ptq_bits)
         if ptq_cfg.calib_pool > len(images) - cfg.holdout:
             raise ValueError(f"calibration draws from the first {ptq_cfg.calib_pool} training "
                              f"images, which overlap the last {cfg.holdout} held out; lower "
                              "--holdout")
         begin = time.perf_counter()
         calib = CalibrationSet.from_config(ptq_cfg, dataset, args.data)
-        quantized, _ = ptq(model, calib, ptq_cfg, progress=show)
+        quantized, _ = quantize_with_report(model, ptq_cfg, calib, progress=show)
         seconds["ptq"] = time.perf_counter() - begin
         start_config = ptq_cfg.as_dict()
     begin = time.perf_counter()

@@ -13,18 +13,20 @@ from adderquant.cli.common import (
     build_model,
     dataset_name,
 )
-from adderquant.cli.validate import bit_width, non_negative_int, positive_int
-from adderquant.quant.analysis import (
+from adderquant.cli.config_args import add_field_flag, given_fields
+from adderquant.cli.validate import bit_width, non_negative_int
+from adderquant.quant.config import QuantConfig
+from adderquant.quant.report import json_ready
+from adderquant.studies.experiment import Experiment
+from adderquant.studies.plots import plot_accuracy_vs_bits
+from adderquant.studies.reproduce import (
     METRICS,
-    Experiment,
+    REPRODUCE_ROWS,
     accuracy_table,
     format_accuracy_table,
     over_seeds,
-    plot_accuracy_vs_bits,
+    select_rows,
 )
-from adderquant.quant.config import PTQConfig
-from adderquant.quant.methods import REPRODUCE_ROWS, select_rows
-from adderquant.quant.report import json_ready
 
 OUTPUT_FILES = ("table.md", "results.json", "accuracy_vs_bits.png", "agreement_vs_bits.png",
                 "kl_vs_bits.png")
@@ -52,28 +54,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    + ", ".join(r.name for r in REPRODUCE_ROWS if not r.default) + ")")
     p.add_argument("--agreement-images", type=non_negative_int, default=10000,
                    help="last training images used for the agreement column (default: 10000)")
-    defaults = PTQConfig()
+    g = p.add_argument_group("calibration of every row (default: each row's method's own)")
     for name in RUN_FIELDS:
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int,
-                       default=getattr(defaults, name),
-                       help=f"{name.replace('_', ' ')} of every row that does not set its own "
-                       f"(default: %(default)s)")
-    p.add_argument("--seed", type=int, nargs="+", default=[defaults.seed],
+        add_field_flag(g, name, None)
+    seed = QuantConfig.__dataclass_fields__["seed"].default
+    p.add_argument("--seed", type=int, nargs="+", default=[seed],
                    help="calibration seed(s); with several, every cell is the mean ± standard "
                    "deviation over them (default: %(default)s)")
-    p.set_defaults(func=run, output_files=("json",), output_dirs={"out": OUTPUT_FILES})
+    p.set_defaults(func=run, output_files=("json",), output_dirs={"out": OUTPUT_FILES},
+                   config_fields=RUN_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows = select_rows(args.methods)
-    base = PTQConfig(**{name: getattr(args, name) for name in RUN_FIELDS})
+    given = given_fields(args)
     model = build_model(args)
     exp = Experiment.load(model, dataset_name(args), args.data, args.limit,
                           agreement_images=args.agreement_images,
                           progress=not args.no_progress)
-    exp.check_split(base)
-    results = over_seeds([accuracy_table(exp, rows, args.bits, base.replace(seed=seed))
+    configs = [c for r in rows for c in [r.configure(None, given)] if c is not None]
+    for cfg in configs:
+        exp.check_split(cfg)
+    results = over_seeds([accuracy_table(exp, rows, args.bits, {**given, "seed": seed})
                           for seed in args.seed])
     out = Path(args.out)
     n_test = sum(len(y) for _, y in exp.test)
@@ -84,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
             f"Top-1 agreement (%) with the full-precision model on the {n_test} test images:",
             "", format_accuracy_table(results, "test_agreement")]
     if args.agreement_images:
+        pools = sorted({cfg.calib_pool for cfg in configs})
         held_out = (f"on the last {args.agreement_images} training images (calibration: the "
-                    f"first {base.calib_pool})")
+                    f"first {', '.join(map(str, pools))})")
         text += ["", f"Top-1 agreement (%) with the full-precision model {held_out}:", "",
                  format_accuracy_table(results, "agreement"), "",
                  f"Mean KL divergence of the outputs from the full-precision model's "

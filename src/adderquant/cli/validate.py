@@ -18,9 +18,6 @@ from pathlib import Path
 from adderquant._io import check_output_dir, check_output_file
 from adderquant.quant.grid import MAX_BITS, MIN_BITS
 
-# configuration fields that say something even for the full-precision "method"
-FP_FIELDS = {"method"}
-
 
 class UsageError(ValueError):
     """Arguments that do not make sense together; the message names them and the fix."""
@@ -111,23 +108,30 @@ def _flag(name: str) -> str:
 
 def _check_config_flags(args: argparse.Namespace) -> None:
     """Flags that the chosen configuration would silently ignore, then the configuration
-    itself (bits in range, groups, choices...)."""
-    from adderquant.quant.config import PTQConfig, config_from_args
-    from adderquant.quant.methods import FULL_PRECISION
+    itself (bits in range, groups, choices, settings of the chosen method...)."""
+    from adderquant.cli.config_args import (
+        FULL_PRECISION,
+        config_from_args,
+        given_fields,
+        method_from_args,
+    )
 
-    given = {f for f in PTQConfig.__dataclass_fields__ if f in vars(args)}
+    given = set(given_fields(args))
     if given >= {"grouping", "groups"} and not args.grouping:
         raise UsageError("--groups has no effect with --no-grouping (every layer keeps one "
                          "group); drop one of them")
-    if getattr(args, "method", None) == FULL_PRECISION and given - FP_FIELDS:
-        flags = ", ".join(sorted(_flag(f) for f in given - FP_FIELDS))
-        raise UsageError(f"--method {FULL_PRECISION} quantizes nothing, so {flags} would have "
-                         "no effect; drop them or choose a quantization method")
-    config_from_args(args, defaults=getattr(args, "config_defaults", None))
+    if method_from_args(args) == FULL_PRECISION:
+        if given or getattr(args, "preset", None) or getattr(args, "config", None):
+            flags = ", ".join(sorted(_flag(f) for f in given) or ["--config/--preset"])
+            raise UsageError(f"--method {FULL_PRECISION} quantizes nothing, so {flags} would "
+                             "have no effect; drop them or choose a quantization method")
+        return
+    config_from_args(args)
 
 
 def _check_reproduce(args: argparse.Namespace) -> None:
-    from adderquant.quant.methods import select_rows
+    from adderquant.cli.config_args import given_fields
+    from adderquant.studies.reproduce import select_rows
 
     if len(set(args.bits)) != len(args.bits):
         raise UsageError(f"--bits lists a width twice: {args.bits}")
@@ -137,6 +141,7 @@ def _check_reproduce(args: argparse.Namespace) -> None:
         if not row.widths(args.bits):
             raise UsageError(f"row {row.name} runs at {list(row.bits)} bits, none of --bits "
                              f"{' '.join(map(str, args.bits))}; add one of them or drop the row")
+        row.configure(None, given_fields(args))  # the flags' values, checked
 
 
 def _check_analyze(args: argparse.Namespace) -> None:

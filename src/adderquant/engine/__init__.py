@@ -4,7 +4,7 @@ requantization, the deployment package (export / load) and the integer inference
 from adderquant.engine.engine import IntegerEngine, load
 from adderquant.engine.export import export_model, fakequant_model, lower
 from adderquant.engine.package import Package, PackageError, load_package, save_package
-from adderquant.engine.sad import active_path, available_paths, sad_conv2d
+from adderquant.ops.sad import active_path, available_paths, sad_conv2d
 
 __all__ = [
     "IntegerEngine",

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from adderquant.engine.package import Package, load_package
-from adderquant.engine.requant import (
+from adderquant.ops.requant import (
     codes_from_float,
     codes_from_stream,
     codes_from_sums,
     float_to_stream,
     requant_fixed,
 )
-from adderquant.engine.sad import ConvGeometry, sad_conv2d_packed
+from adderquant.ops.sad import ConvGeometry, sad_conv2d_packed
 from adderquant.quant.grid import distinct_grids
 
 FLOAT_OPS = ("stem", "head")

@@ -32,10 +32,10 @@ from adderquant.engine.package import (
     PackageError,
     save_package,
 )
-from adderquant.engine.requant import fixed_point
 from adderquant.models import create_model, model_record
 from adderquant.models.checkpoint import state_mismatch
 from adderquant.models.resnet_cifar import BasicBlock, CifarResNet
+from adderquant.ops.requant import fixed_point
 from adderquant.quant import CodeRange, QuantAdder2d, replace_module
 from adderquant.quant.grid import byte_weights
 

@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from adderquant._io import folder_lock, write_bytes_atomic
-from adderquant.engine.requant import LIMIT_BITS, MAX_SHIFT
+from adderquant.ops.requant import LIMIT_BITS, MAX_SHIFT
 
 MAX_DIVISOR_BITS = 50
 FRAC_BITS_RANGE = (24, 48)

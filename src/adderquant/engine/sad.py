@@ -1,206 +1,25 @@
-"""``sad_conv2d``: the integer adder layer ``Σ|q_x − q_w|`` over uint8 codes, int32 results.
+"""The SAD convolution as the engine names it; the kernel lives in :mod:`adderquant.ops.sad`."""
 
-``sad_conv2d`` takes NCHW codes; ``sad_conv2d_packed`` takes images already in the kernel's
-packed layout (see ``csrc/sad_kernel.c``), as the engine's code producers write them, and
-``pack`` converts NCHW codes to it.
-"""
+from adderquant.ops.sad import (
+    PATHS,
+    ConvGeometry,
+    active_path,
+    available_paths,
+    output_size,
+    pack,
+    packed_bytes,
+    sad_conv2d,
+    sad_conv2d_packed,
+)
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-
-import torch
-from torch.nn.modules.utils import _pair
-
-from adderquant.engine._kernel import check, library
-
-PATHS = ("portable", "avx2", "avx512")
-
-
-def available_paths() -> tuple[str, ...]:
-    """The kernel paths this CPU can run, narrowest first."""
-    mask = library().sad_available_paths()
-    return tuple(name for bit, name in enumerate(PATHS) if mask >> bit & 1)
-
-
-def active_path() -> str:
-    """The path ``sad_conv2d`` uses when none is forced (the widest available)."""
-    return PATHS[library().sad_best_path()]
-
-
-def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Kernel size, stride and padding of an adder layer, each (rows, columns)."""
-
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-
-    def args(self) -> tuple[int, ...]:
-        return (*self.kernel, *self.stride, *self.padding)
-
-    def output_size(self, h: int, w: int) -> tuple[int, int]:
-        return (output_size(h, self.kernel[0], self.stride[0], self.padding[0]),
-                output_size(w, self.kernel[1], self.stride[1], self.padding[1]))
-
-
-def packed_bytes(channels: int, h: int, w: int, geometry: ConvGeometry) -> int:
-    """Bytes of one image of ``channels`` x ``h`` x ``w`` codes packed for ``geometry``."""
-    size = library().sad_packed_bytes(channels, h, w, *geometry.args())
-    check(size, "packed_bytes")
-    return size
-
-
-def pack(codes: torch.Tensor, geometry: ConvGeometry, pad_code: int = 0,
-         threads: int | None = None) -> torch.Tensor:
-    """NCHW uint8 ``codes`` in the packed layout for ``geometry``: (N, packed_bytes)."""
-    _check_code_tensor("codes", codes)
-    _check_pad_code(pad_code)
-    n, c, h, w = codes.shape
-    out = torch.empty(n, packed_bytes(c, h, w, geometry), dtype=torch.uint8)
-    codes = codes.contiguous()
-    check(library().sad_pack(codes.data_ptr(), n, c, h, w, *geometry.args(), pad_code,
-                             out.data_ptr(), threads or torch.get_num_threads()), "pack")
-    return out
-
-
-def sad_conv2d_packed(
-    packed: torch.Tensor,
-    shape: tuple[int, int, int],
-    weight_codes: torch.Tensor,
-    geometry: ConvGeometry,
-    pad_code: int,
-    *,
-    out: torch.Tensor | None = None,
-    out_index: torch.Tensor | None = None,
-    path: str | None = None,
-    threads: int | None = None,
-) -> torch.Tensor:
-    """``sad_conv2d`` of images of ``shape`` (C, H, W) already packed for ``geometry``
-    (``packed``: (N, packed_bytes) uint8 with ``pad_code`` in every padding position)."""
-    c, h, w = shape
-    _check_pad_code(pad_code)
-    if weight_codes.dtype != torch.uint8 or tuple(weight_codes.shape[1:]) != (c, *geometry.kernel):
-        raise ValueError(f"sad_conv2d_packed: weight_codes must be uint8 (T, {c}, "
-                         f"{geometry.kernel[0]}, {geometry.kernel[1]}), got "
-                         f"{weight_codes.dtype} {tuple(weight_codes.shape)}")
-    size = packed_bytes(c, h, w, geometry)
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != size:
-        raise ValueError(f"sad_conv2d_packed: packed must be uint8 (N, {size}), got "
-                         f"{packed.dtype} {tuple(packed.shape)}")
-    n, t = packed.shape[0], weight_codes.shape[0]
-    out, out_index = _check_output(out, out_index, n, t, *geometry.output_size(h, w))
-    packed, weight_codes = packed.contiguous(), weight_codes.contiguous()
-    status = library().sad_conv2d_packed(
-        packed.data_ptr(), n, c, h, w, weight_codes.data_ptr(), t, *geometry.args(), pad_code,
-        out_index.data_ptr() if out_index is not None else None, out.shape[1], out.data_ptr(),
-        -1 if path is None else _path_id(path), threads or torch.get_num_threads())
-    check(status, "sad_conv2d_packed")
-    return out
-
-
-def sad_conv2d(
-    codes: torch.Tensor,
-    weight_codes: torch.Tensor,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    pad_code: int = 0,
-    *,
-    out: torch.Tensor | None = None,
-    out_index: torch.Tensor | None = None,
-    path: str | None = None,
-    threads: int | None = None,
-) -> torch.Tensor:
-    """``out[n, t, i, j] = Σ_{c,u,v} |codes[n, c, i·s+u−p, j·s+v−p] − weight_codes[t, c, u, v]|``.
-
-    ``codes`` (N, C, H, W) and ``weight_codes`` (T, C, kH, kW) are uint8; positions in the
-    padding take ``pad_code``. The result is int32 (N, T, Ho, Wo), or filter ``t`` is written to
-    channel ``out_index[t]`` of a given int32 ``out`` (N, C_out, Ho, Wo), leaving its other
-    channels untouched. ``path`` forces ``"portable"``, ``"avx2"`` or ``"avx512"``;
-    ``threads`` defaults to ``torch.get_num_threads()``.
-    """
-    _check_codes(codes, weight_codes, pad_code)
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    if min(sh, sw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"sad_conv2d: stride must be >= 1 and padding >= 0, got "
-                         f"stride={stride}, padding={padding}")
-    n, c, h, w = codes.shape
-    t, _, kh, kw = weight_codes.shape
-    if h + 2 * ph < kh or w + 2 * pw < kw:
-        raise ValueError(f"sad_conv2d: the {kh}x{kw} kernel does not fit the padded "
-                         f"{h + 2 * ph}x{w + 2 * pw} input")
-    ho, wo = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-    out, out_index = _check_output(out, out_index, n, t, ho, wo)
-    path_id = -1 if path is None else _path_id(path)
-    codes, weight_codes = codes.contiguous(), weight_codes.contiguous()
-    status = library().sad_conv2d(
-        codes.data_ptr(), n, c, h, w,
-        weight_codes.data_ptr(), t, kh, kw, sh, sw, ph, pw,
-        pad_code, out_index.data_ptr() if out_index is not None else None, out.shape[1],
-        out.data_ptr(), path_id, threads or torch.get_num_threads(),
-    )
-    check(status, "sad_conv2d")
-    return out
-
-
-def _path_id(path: str) -> int:
-    if path not in PATHS:
-        raise ValueError(f"sad_conv2d: unknown path {path!r}; choose one of {', '.join(PATHS)}")
-    if path not in available_paths():
-        raise RuntimeError(f"sad_conv2d: path {path!r} needs CPU features this machine lacks; "
-                           f"available: {', '.join(available_paths())}")
-    return PATHS.index(path)
-
-
-def _check_code_tensor(name: str, tensor: torch.Tensor) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
-        raise TypeError(f"sad_conv2d: {name} must be a uint8 torch.Tensor; "
-                        f"got {getattr(tensor, 'dtype', type(tensor))}")
-    if tensor.dim() != 4:
-        raise ValueError(f"sad_conv2d: {name} must be 4-D, got shape {tuple(tensor.shape)}")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"sad_conv2d: {name} must be on the CPU; call .cpu()")
-
-
-def _check_pad_code(pad_code: int) -> None:
-    if not 0 <= int(pad_code) <= 255:
-        raise ValueError(f"sad_conv2d: pad_code must be a uint8 code (0..255), got {pad_code}")
-
-
-def _check_codes(codes: torch.Tensor, weight_codes: torch.Tensor, pad_code: int) -> None:
-    _check_code_tensor("codes", codes)
-    _check_code_tensor("weight_codes", weight_codes)
-    if codes.shape[1] != weight_codes.shape[1]:
-        raise ValueError(f"sad_conv2d: codes have {codes.shape[1]} channels, weight_codes "
-                         f"expect {weight_codes.shape[1]}")
-    _check_pad_code(pad_code)
-
-
-def _check_output(
-    out: torch.Tensor | None, out_index: torch.Tensor | None, n: int, t: int, ho: int, wo: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if out is None:
-        if out_index is not None:
-            raise ValueError("sad_conv2d: out_index needs an explicit out tensor")
-        return torch.empty(n, t, ho, wo, dtype=torch.int32), None
-    if out.dtype != torch.int32 or not out.is_contiguous() or out.device.type != "cpu":
-        raise TypeError("sad_conv2d: out must be a contiguous int32 CPU tensor")
-    if out.dim() != 4 or (out.shape[0], out.shape[2], out.shape[3]) != (n, ho, wo):
-        raise ValueError(f"sad_conv2d: out must have shape ({n}, C_out, {ho}, {wo}), "
-                         f"got {tuple(out.shape)}")
-    if out_index is None:
-        if out.shape[1] != t:
-            raise ValueError(f"sad_conv2d: out has {out.shape[1]} channels for {t} filters; "
-                             "pass out_index to scatter them")
-        return out, None
-    out_index = out_index.to(torch.int32).contiguous()
-    if out_index.shape != (t,):
-        raise ValueError(f"sad_conv2d: out_index must have one entry per filter ({t}), "
-                         f"got shape {tuple(out_index.shape)}")
-    if t and (int(out_index.min()) < 0 or int(out_index.max()) >= out.shape[1]):
-        raise ValueError(f"sad_conv2d: out_index entries must lie in [0, {out.shape[1]})")
-    return out, out_index
+__all__ = [
+    "PATHS",
+    "ConvGeometry",
+    "active_path",
+    "available_paths",
+    "output_size",
+    "pack",
+    "packed_bytes",
+    "sad_conv2d",
+    "sad_conv2d_packed",
+]

@@ -13,7 +13,8 @@ class Adder2d(nn.Module):
     """Adder layer with the ``nn.Conv2d`` argument list.
 
     The weight parameter is named ``adder`` (C_out x C_in/groups x kH x kW) so that the released
-    AdderNet checkpoints load unchanged. Weights are initialised N(0, 1) as in AdderNet.
+    AdderNet checkpoints load unchanged. Weights are initialised N(0, 1) as in AdderNet, on
+    ``device`` with ``dtype`` (default: torch's defaults), as ``nn.Conv2d`` does.
     """
 
     def __init__(
@@ -27,6 +28,8 @@ class Adder2d(nn.Module):
         groups: int = 1,
         bias: bool = False,
         eta: float | None = 0.2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
@@ -42,10 +45,11 @@ class Adder2d(nn.Module):
         self.dilation = _pair(dilation, "dilation")
         self.groups = groups
         self.eta = eta
+        factory = {"device": device, "dtype": dtype}
         self.adder = nn.Parameter(
-            torch.randn(out_channels, in_channels // groups, *self.kernel_size)
+            torch.randn(out_channels, in_channels // groups, *self.kernel_size, **factory)
         )
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return adder2d(

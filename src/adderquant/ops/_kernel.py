@@ -1,86 +1,78 @@
-"""ctypes bindings of the compiled adder kernel (``adderquant.ops._adder_kernel``)."""
+"""ctypes bindings of the compiled adder kernel and the choice of its instruction-set path.
+
+The path is an argument of every kernel call, taken from :func:`use_simd` (a context manager,
+per thread and task, as ``contextvars`` go) or else the best one this CPU supports.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-from functools import cache
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 
-_EXTENSION = "adderquant.ops._adder_kernel"
+from adderquant.ops import _loader
+from adderquant.ops._loader import load_library
+from adderquant.ops.geometry import Geometry
+
+__all__ = [
+    "SIMD_PATHS", "Geometry", "backward", "forward", "load_library", "select_simd", "simd_path",
+    "use_simd",
+]
+
 SIMD_PATHS = ("avx512", "avx2", "portable")
-# Status codes of the C functions (0: success).
-_NO_MEMORY, _UNKNOWN_PATH, _UNSUPPORTED_PATH = 1, 2, 3
+_chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("adder_simd", default=None)
 
 
-class Geometry(ctypes.Structure):
-    """Shapes of one call (``adder_geometry`` in adder_kernel.c)."""
-
-    _fields_ = [
-        (name, ctypes.c_int64)
-        for name in (
-            "n", "c_in", "h", "w", "c_out", "kh", "kw", "stride_h", "stride_w", "pad_h",
-            "pad_w", "dil_h", "dil_w", "groups", "h_out", "w_out",
-        )
-    ]
-
-
-def load_library(extension: str = _EXTENSION) -> ctypes.CDLL:
-    """Open the compiled extension ``extension`` with ctypes and declare its functions."""
-    spec = importlib.util.find_spec(extension)
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            f"the compiled adder kernel {extension} is missing; build it with `make install` "
-            "(or `python setup.py build_ext --inplace`) in the repository root"
-        )
-    lib = ctypes.CDLL(spec.origin)
-    ptr, geom, i32 = ctypes.c_void_p, ctypes.POINTER(Geometry), ctypes.c_int
-    for suffix in ("f32", "f64"):
-        getattr(lib, f"adder_forward_{suffix}").argtypes = [geom, ptr, ptr, ptr, i32]
-        getattr(lib, f"adder_backward_{suffix}").argtypes = [
-            geom, ptr, ptr, ptr, ptr, ptr, i32, i32,
-        ]
-    lib.adder_simd_path.restype = ctypes.c_char_p
-    lib.adder_select_simd.argtypes = [ctypes.c_char_p]
-    return lib
+def _checked(name: str) -> str | None:
+    """``name`` if this CPU runs it, ``None`` for ``auto``; else a clear error."""
+    if name == "auto":
+        return None
+    if name not in SIMD_PATHS:
+        raise ValueError(f"unknown SIMD path {name!r}; choose auto or one of {SIMD_PATHS}")
+    if name not in _loader.available_paths():
+        raise RuntimeError(f"this CPU does not support the {name} SIMD path")
+    return name
 
 
-_library = cache(load_library)
+def simd_path() -> str:
+    """The instruction-set path the kernel uses here: ``avx512``, ``avx2`` or ``portable``."""
+    return _chosen.get() or _loader.best_path()
 
 
-def _check(status: int) -> None:
-    if status == _NO_MEMORY:
-        raise MemoryError("adder2d: out of memory for the per-thread work buffers")
-    if status:
-        raise RuntimeError(f"adder kernel failed with status {status}")
+@contextlib.contextmanager
+def use_simd(name: str) -> Iterator[None]:
+    """Run the block on the path ``name`` of :data:`SIMD_PATHS` (``auto``: the best this CPU
+    supports), then return to the previous choice."""
+    token = _chosen.set(_checked(name))
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
+
+
+def select_simd(name: str) -> None:
+    """Choose the path ``name`` (``auto``: the best) for the current context until the next
+    choice; prefer :func:`use_simd`, which restores the previous one."""
+    _chosen.set(_checked(name))
+
+
+def _path_id() -> int:
+    name = _chosen.get()
+    return -1 if name is None else _loader.PATHS.index(name)
 
 
 def _suffix(t: torch.Tensor) -> str:
     return "f64" if t.dtype == torch.float64 else "f32"
 
 
-def simd_path() -> str:
-    """The instruction-set path the kernel uses: ``avx512``, ``avx2`` or ``portable``."""
-    return _library().adder_simd_path().decode()
-
-
-def select_simd(name: str) -> None:
-    """Force a path of :data:`SIMD_PATHS` (``auto``: the best this CPU supports)."""
-    status = _library().adder_select_simd(name.encode())
-    if status == _UNKNOWN_PATH:
-        raise ValueError(f"unknown SIMD path {name!r}; choose auto or one of {SIMD_PATHS}")
-    if status == _UNSUPPORTED_PATH:
-        raise RuntimeError(f"this CPU does not support the {name} SIMD path")
-    _check(status)
-
-
 def forward(geom: Geometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``-sum |x - w|`` per window; x and w contiguous, same dtype."""
     y = torch.empty(geom.n, geom.c_out, geom.h_out, geom.w_out, dtype=x.dtype)
-    fn = getattr(_library(), f"adder_forward_{_suffix(x)}")
-    _check(fn(ctypes.byref(geom), x.data_ptr(), w.data_ptr(), y.data_ptr(),
-              torch.get_num_threads()))
+    fn = getattr(_loader.library(), f"adder_forward_{_suffix(x)}")
+    _loader.check(fn(geom, x.data_ptr(), w.data_ptr(), y.data_ptr(), _path_id(),
+                     torch.get_num_threads()), "adder2d")
     return y
 
 
@@ -97,9 +89,9 @@ def backward(
     (unscaled), or with ``exact`` the sign gradients; ``None`` where not needed."""
     gx = torch.empty_like(x) if need_input else None
     gw = torch.empty_like(w) if need_weight else None
-    fn = getattr(_library(), f"adder_backward_{_suffix(x)}")
-    _check(fn(ctypes.byref(geom), x.data_ptr(), w.data_ptr(), grad_out.data_ptr(),
-              gx.data_ptr() if gx is not None else None,
-              gw.data_ptr() if gw is not None else None,
-              int(exact), torch.get_num_threads()))
+    fn = getattr(_loader.library(), f"adder_backward_{_suffix(x)}")
+    _loader.check(fn(geom, x.data_ptr(), w.data_ptr(), grad_out.data_ptr(),
+                     gx.data_ptr() if gx is not None else None,
+                     gw.data_ptr() if gw is not None else None,
+                     int(exact), _path_id(), torch.get_num_threads()), "adder2d backward")
     return gx, gw

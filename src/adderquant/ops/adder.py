@@ -1,35 +1,26 @@
-"""The adder operator ``adder2d``: forward ``-sum |x - w|`` and AdderNet's training gradients."""
+"""The adder operator ``adder2d``: forward ``-sum |x - w|`` and AdderNet's training gradients.
+
+On the CPU it is the custom operator ``torch.ops.adderquant.adder2d`` over the compiled kernel,
+with a fake (meta) implementation and its gradient formula registered on the operator, so that
+``torch.compile`` traces through it without a graph break and ``torch.export`` captures it.
+The gradients are the operator ``torch.ops.adderquant.adder2d_backward``.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from adderquant.ops import _kernel
-from adderquant.ops.reference import _pair, output_size
-
-
-def check_adder_shapes(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
-    """Raise a clear error unless ``x``, ``weight``, ``bias`` and ``groups`` fit together."""
-    if x.dim() != 4:
-        raise ValueError(f"adder2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(
-            f"adder2d: weight must be 4-D (C_out, C_in/groups, kH, kW), got {tuple(weight.shape)}"
-        )
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
-        raise ValueError(
-            f"adder2d: groups={groups} must divide C_in={x.shape[1]} and C_out={weight.shape[0]}"
-        )
-    if weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(
-            f"adder2d: weight expects {weight.shape[1] * groups} input channels "
-            f"(C_in/groups={weight.shape[1]}, groups={groups}), x has {x.shape[1]}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"adder2d: bias must have shape ({weight.shape[0]},)")
+from adderquant.ops.geometry import (
+    adder_geometry,
+    check_adder_shapes,
+    conv_arguments,
+    output_size,
+)
+from adderquant.ops.gradients import adaptive_scale
+from adderquant.ops.gradients import rescale_ as _rescale_  # noqa: F401 (its old home; use gradients)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
@@ -48,58 +39,84 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> N
         )
 
 
-def _geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int):
-    """The kernel's shape record, after checking stride, padding, dilation and output size."""
-    sh, sw = _pair(stride, "stride")
-    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(
-            f"adder2d: stride {(sh, sw)} and dilation {(dh, dw)} must be >= 1 and padding "
-            f"{(ph, pw)} >= 0"
+@torch.library.custom_op("adderquant::adder2d", mutates_args=(), device_types="cpu")
+def _adder2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    eta: float | None,
+    true_gradient: bool,
+) -> torch.Tensor:
+    """``-sum |x - w|`` per window (``eta`` and ``true_gradient`` choose the gradients)."""
+    geom = adder_geometry(x, weight, stride, padding, dilation, groups)
+    if geom.n == 0:
+        return x.new_empty(0, geom.c_out, geom.h_out, geom.w_out)
+    return _kernel.forward(geom, x.contiguous(), weight.contiguous())
+
+
+@_adder2d_op.register_fake
+def _(x, weight, stride, padding, dilation, groups, eta, true_gradient):
+    ho, wo = output_size(x.shape[2], x.shape[3], tuple(weight.shape[2:]), stride, padding,
+                         dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+
+
+@torch.library.custom_op("adderquant::adder2d_backward", mutates_args=(), device_types="cpu")
+def _adder2d_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    need_input: bool,
+    need_weight: bool,
+    exact: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_w)``: AdderNet's ``sum clamp(w - x, -1, 1) g`` and ``sum (x - w) g``
+    (unscaled), or with ``exact`` the sign gradients; an empty tensor where not needed."""
+    geom = adder_geometry(x, weight, stride, padding, dilation, groups)
+    if geom.n == 0:
+        grad_x, grad_w = x.new_zeros(x.shape), weight.new_zeros(weight.shape)
+    else:
+        grad_x, grad_w = _kernel.backward(
+            geom, x.contiguous(), weight.contiguous(), grad_out.contiguous(), need_input,
+            need_weight, exact,
         )
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    ho, wo = output_size(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"adder2d: the {kh}x{kw} kernel (dilation {(dh, dw)}) does not fit the {h}x{w} input "
-            f"with padding {(ph, pw)}; enlarge the input or the padding"
-        )
-    return _kernel.Geometry(n, c_in, h, w, c_out, kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo)
+    return (grad_x if need_input else x.new_empty(0),
+            grad_w if need_weight else weight.new_empty(0))
 
 
-class _Adder2dFunction(torch.autograd.Function):
-    """Compiled forward and backward; see :func:`adder2d`."""
-
-    @staticmethod
-    def forward(ctx, x, weight, geom, eta, true_gradient):
-        ctx.save_for_backward(x, weight)
-        ctx.geom, ctx.eta, ctx.true_gradient = geom, eta, true_gradient
-        if geom.n == 0:
-            return x.new_empty(0, geom.c_out, geom.h_out, geom.w_out)
-        return _kernel.forward(geom, x, weight)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if ctx.geom.n == 0:
-            grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight)
-        else:
-            grad_x, grad_w = _kernel.backward(
-                ctx.geom, x, weight, grad_out.contiguous(), need_x, need_w, ctx.true_gradient
-            )
-        if need_w and not ctx.true_gradient and ctx.eta is not None:
-            _rescale_(grad_w, ctx.eta)
-        return grad_x if need_x else None, grad_w if need_w else None, None, None, None
+@_adder2d_backward_op.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups, need_input, need_weight, exact):
+    return (x.new_empty(x.shape if need_input else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)))
 
 
-def _rescale_(grad_w: torch.Tensor, eta: float) -> None:
-    """AdderNet's adaptive scaling, in place: ``grad_w *= eta * sqrt(numel) / ||grad_w||``."""
-    norm = torch.linalg.vector_norm(grad_w)
-    if norm > 0:
-        grad_w *= eta * math.sqrt(grad_w.numel()) / norm
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, stride, padding, dilation, groups, eta, true_gradient = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.eta, ctx.true_gradient = eta, true_gradient
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x, grad_w = _adder2d_backward_op(
+        grad_out, x, weight, *ctx.geometry, need_x, need_w, ctx.true_gradient
+    )
+    if need_w and not ctx.true_gradient and ctx.eta is not None:
+        grad_w = adaptive_scale(grad_w, ctx.eta)
+    no_grad = (None,) * 6  # geometry, eta and true_gradient
+    return (grad_x if need_x else None, grad_w if need_w else None, *no_grad)
+
+
+torch.library.register_autograd("adderquant::adder2d", _backward, setup_context=_setup_context)
 
 
 def adder2d(
@@ -134,8 +151,8 @@ def adder2d(
 
         return adder2d_cuda(x, weight, bias, stride, padding, dilation, groups, eta, true_gradient)
     _check_inputs(x, weight, bias, groups)
-    geom = _geometry(x, weight, stride, padding, dilation, groups)
-    out = _Adder2dFunction.apply(x.contiguous(), weight.contiguous(), geom, eta, true_gradient)
+    pairs = conv_arguments(x, weight, stride, padding, dilation)
+    out = _adder2d_op(x, weight, *(list(p) for p in pairs), groups, eta, true_gradient)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out

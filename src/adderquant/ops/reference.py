@@ -2,46 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 
-
-def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
-    """``(v, v)`` for an integer, ``(v[0], v[1])`` for a pair of integers; else a clear error
-    naming ``name`` (stride, padding, dilation or kernel_size)."""
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(
-                f"adder2d: {name} takes one integer or two (height, width), got {len(v)} values "
-                f"{tuple(v)}"
-            )
-        return _integer(v[0], name), _integer(v[1], name)
-    return (_integer(v, name),) * 2
-
-
-def _integer(v, name: str) -> int:
-    if isinstance(v, bool):
-        raise TypeError(f"adder2d: {name} must be an integer, got {v!r}")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(
-            f"adder2d: {name} must be an integer or a pair of integers, got {v!r} "
-            f"({type(v).__name__})"
-        ) from None
-
-
-def output_size(
-    h: int, w: int, kernel: tuple[int, int], stride, padding, dilation
-) -> tuple[int, int]:
-    """Spatial output size with the geometry of ``F.conv2d``."""
-    sh, sw = _pair(stride, "stride")
-    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
-    ho = (h + 2 * ph - dh * (kernel[0] - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kernel[1] - 1) - 1) // sw + 1
-    return ho, wo
+from adderquant.ops.geometry import _pair, output_size  # noqa: F401 (nn.adder imports _pair here)
 
 
 def adder2d_reference(

@@ -33,7 +33,9 @@ except ImportError as error:
         "tensors to the CPU with .cpu()"
     ) from error
 
-from adderquant.ops.adder import _geometry, _rescale_, check_adder_shapes
+from adderquant.ops.geometry import adder_geometry as _geometry
+from adderquant.ops.geometry import check_adder_shapes
+from adderquant.ops.gradients import rescale_ as _rescale_
 
 NUM_WARPS = 4
 POSITIONS_PER_SLICE = 256  # output positions one program reduces in the sign weight gradient
@@ -168,10 +170,11 @@ def _grad_weight_sign_kernel(
         pos = m % hw_out
         ih = (pos // w_out) * stride_h - pad_h + u * dil_h
         iw = (pos % w_out) * stride_w - pad_w + v * dil_w
-        ok = mask_k & (m < rows) & (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+        # "m < rows" as blocks: Triton's interpreter turns (block & scalar) masks into int32
+        ok = mask_k & (offs_k * 0 + m < rows) & (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
         xv = tl.load(x_chan + n * x_batch_stride + ih * w + iw, mask=ok, other=0.0)
         gv = tl.load(g_ptr + n * g_batch_stride + t * hw_out + pos,
-                     mask=mask_t & (m < rows), other=0.0)
+                     mask=mask_t & (offs_t * 0 + m < rows), other=0.0)
         d = xv[None, :] - wt
         acc += tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * gv[:, None]
 
@@ -188,8 +191,11 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def _tiles(rows: int, cols: int, groups: int, device: torch.device) -> tuple[int, int]:
-    """Row and column block sizes: large tiles, shrunk until about four programs per SM."""
+    """Row and column block sizes: large tiles, shrunk until about four programs per SM (on
+    the CPU, where Triton's interpreter runs the kernels, the large tiles stay)."""
     block_rows, block_cols = 128, _pow2_block(cols, 16, 64)
+    if device.type != "cuda":
+        return block_rows, block_cols
     target = 4 * _multiprocessors(device.index if device.index is not None else 0)
 
     def programs() -> int:

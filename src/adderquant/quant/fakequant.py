@@ -21,14 +21,12 @@ pass of the compiled kernel (``csrc/fakequant_kernel.c``), else the same formula
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import math
-from functools import cache
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from adderquant.ops._loader import library
 from adderquant.quant.grid import CodeRange
 
 
@@ -117,24 +115,6 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- fused activations
 
-_PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-
-
-@cache
-def _library() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("adderquant.quant._fakequant_kernel")
-    if spec is None or spec.origin is None:
-        raise ImportError("the compiled fake-quantization kernel is missing; build it with "
-                          "`make install` (or `python setup.py build_ext --inplace`)")
-    lib = ctypes.CDLL(spec.origin)
-    lib.fq_act_forward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _PTR, _INT]
-    lib.fq_act_forward.restype = None
-    lib.fq_act_backward.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
-                                    _INT]
-    lib.fq_act_backward.restype = None
-    return lib
-
-
 def _compiled(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu"
 
@@ -163,7 +143,7 @@ def act_on_grids(
     x = x.contiguous()
     step = step.detach().to(torch.float32).contiguous()
     out = torch.empty((n, g * c, h, w), dtype=torch.float32)
-    _library().fq_act_forward(x.data_ptr(), n, c * h * w, g, step.data_ptr(), lo.data_ptr(),
+    library().fq_act_forward(x.data_ptr(), n, c * h * w, g, step.data_ptr(), lo.data_ptr(),
                               hi.data_ptr(), int(dequant), out.data_ptr(),
                               torch.get_num_threads())
     return out
@@ -192,7 +172,7 @@ def act_backward(
     step32 = step.detach().to(torch.float32).contiguous()
     grad_x = torch.empty_like(x)
     sums = torch.empty(g, dtype=torch.float64)
-    _library().fq_act_backward(x.data_ptr(), grad.data_ptr(), n, c * h * w, g,
+    library().fq_act_backward(x.data_ptr(), grad.data_ptr(), n, c * h * w, g,
                                step32.data_ptr(), lo.data_ptr(), hi.data_ptr(),
                                grad_x.data_ptr(), sums.data_ptr(), torch.get_num_threads())
     return grad_x, sums.to(step.dtype)

@@ -8,6 +8,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 FEATURES = ("max_abs", "mean_abs", "std", "range")
@@ -41,7 +42,9 @@ def kmeans_groups(values: torch.Tensor, groups: int, seed: int = 0) -> torch.Ten
     data = values.detach().double().numpy().reshape(-1, 1)
     # one thread: a few dozen points, where OpenMP start-up and contention dominate
     with warnings.catch_warnings(), threadpool_limits(limits=1):
-        warnings.simplefilter("ignore")  # fewer distinct values than clusters
+        # fewer distinct values than clusters: the labels are still a valid grouping
+        warnings.filterwarnings("ignore", message="Number of distinct clusters",
+                                category=ConvergenceWarning)
         km = KMeans(n_clusters=groups, init="k-means++", n_init=10, random_state=seed).fit(data)
     order = np.argsort(km.cluster_centers_.ravel())
     rank = np.empty_like(order)

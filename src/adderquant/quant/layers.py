@@ -23,6 +23,8 @@ quarter of the work, the kernel is called once per grid instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,7 +44,7 @@ from adderquant.quant.grid import (
 )
 
 if TYPE_CHECKING:  # the engine package imports this module
-    from adderquant.engine.sad import ConvGeometry
+    from adderquant.ops.sad import ConvGeometry
 
 STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped kernel call
 
@@ -50,10 +52,10 @@ STACKED_WASTE = 1.25  # largest padded/real filter ratio for the single grouped 
 class QuantAdder2d(nn.Module):
     """Fake-quantized adder layer holding integer codes (see the module docstring).
 
-    ``integer_kernel`` (class or instance attribute, default ``True``): use the SAD kernel
-    where it applies; ``False`` always runs the float adder kernel (for comparisons)."""
-
-    integer_kernel = True
+    ``use_integer_path`` (default ``True``): run the SAD kernel where
+    :meth:`integer_path_applies`; ``False`` always runs the float adder kernel on dequantized
+    values (for comparisons). :func:`integer_path` sets it for every layer of a model within
+    a ``with`` block."""
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class QuantAdder2d(nn.Module):
         if weight_codes.min() < codes.weight_min or weight_codes.max() > codes.weight_max:
             raise ValueError("weight codes out of range for the bit width")
         self.codes = codes
+        self.use_integer_path = True
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.register_buffer("weight_codes", weight_codes.to(torch.int32))
         self.register_buffer("group", group.to(torch.int64))
@@ -167,10 +170,12 @@ class QuantAdder2d(nn.Module):
             self.__dict__["_plan"] = plan
         return plan
 
-    def _uses_integer_kernel(self, x: torch.Tensor) -> bool:
-        """Whether the SAD kernel computes this call: CPU float32 inference without dilation,
-        zero points that are activation codes (so that zero padding has a code)."""
-        if not self.integer_kernel or x.device.type != "cpu" or x.dtype != torch.float32:
+    def integer_path_applies(self, x: torch.Tensor) -> bool:
+        """Whether the integer SAD kernel can compute this layer on ``x``: CPU float32
+        inference (no gradient to ``x``) without dilation, with zero points that are
+        activation codes (so that zero padding has a code). Whatever :attr:`use_integer_path`
+        says."""
+        if x.device.type != "cpu" or x.dtype != torch.float32:
             return False
         if self.dilation != (1, 1) or (torch.is_grad_enabled() and x.requires_grad):
             return False
@@ -180,9 +185,9 @@ class QuantAdder2d(nn.Module):
         """``−Δ·Σ|q_x − r·q_w|`` + biases: the input's codes on every grid in one pass, one
         SAD kernel call per grid, and the int32 sums scaled to float32 in one pass; ``None``
         when ``x`` holds NaN or infinite values, which have no code."""
-        from adderquant.engine._kernel import NonFiniteInputError
-        from adderquant.engine.requant import codes_from_float, sums_to_float
-        from adderquant.engine.sad import sad_conv2d_packed
+        from adderquant.ops._loader import NonFiniteInputError
+        from adderquant.ops.requant import codes_from_float, sums_to_float
+        from adderquant.ops.sad import sad_conv2d_packed
 
         plan = self._sad_plan()
         n, c, h, w = x.shape
@@ -199,7 +204,7 @@ class QuantAdder2d(nn.Module):
         return sums_to_float(sums, plan.excess, plan.step, self.clamp_bias + self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._uses_integer_kernel(x):
+        if self.use_integer_path and self.integer_path_applies(x):
             y = self._integer_forward(x)
             if y is not None:
                 return y  # else NaN/inf inputs: the float path follows the definition
@@ -271,7 +276,7 @@ class _SadPlan:
 
     @classmethod
     def build(cls, layer: QuantAdder2d, key: tuple) -> _SadPlan:
-        from adderquant.engine.sad import ConvGeometry
+        from adderquant.ops.sad import ConvGeometry
 
         scales, zero_points, label = layer._grids()
         clamped, excess = byte_weights(layer.weight_codes, layer.codes)
@@ -289,6 +294,22 @@ class _SadPlan:
             zero_points_are_codes=bool(((zero_points >= 0)
                                         & (zero_points <= layer.codes.act_max)).all()),
         )
+
+
+@contextmanager
+def integer_path(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Within the block, every :class:`QuantAdder2d` of ``model`` runs the integer SAD kernel
+    where it applies (``enabled``) or always the float adder kernel on dequantized values;
+    afterwards each layer's previous choice is restored. Only ``model`` is affected."""
+    layers = [m for m in model.modules() if isinstance(m, QuantAdder2d)]
+    previous = [m.use_integer_path for m in layers]
+    for m in layers:
+        m.use_integer_path = enabled
+    try:
+        yield model
+    finally:
+        for m, p in zip(layers, previous, strict=True):
+            m.use_integer_path = p
 
 
 def adder_layers(model: nn.Module) -> dict[str, Adder2d]:

@@ -1,148 +1,33 @@
-"""Registry of layer quantizers and of the rows of ``adderquant reproduce``.
+"""The paper's layer quantizers: ``paper`` (Nie et al. 2022: grouping, lossless weight clamp,
+activation outlier clamp, each switchable) and ``qssf`` (one scale per layer shared by weights
+and activations), with the helpers other methods share.
 
 A layer quantizer turns one float adder layer, the statistics of its input and a bit width into
 a :class:`~adderquant.quant.layers.QuantAdder2d` and a report (a JSON-ready dict)::
 
     quantizer(name, layer, observer, bits, cfg) -> (QuantAdder2d, report)
 
-Registered here: ``paper`` (Nie et al. 2022: grouping, lossless weight clamp, activation
-outlier clamp, each switchable) and ``qssf`` (one scale per layer shared by weights and
-activations). Other modules add theirs with :func:`register_method` and
-:func:`register_reproduce_row`.
+Quantizers are listed with their configuration classes in :mod:`adderquant.quant.registry`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from adderquant.nn import Adder2d
 from adderquant.quant.calibrate import ActivationObserver
-from adderquant.quant.config import FAITHFUL, PER_CHANNEL, PTQConfig
+from adderquant.quant.config import PER_CHANNEL, GroupedConfig, PaperConfig, QSSFConfig
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.grouping import group_filters
 from adderquant.quant.layers import QuantAdder2d
 from adderquant.quant.observers import MIN_THRESHOLD, mse_optimal_threshold
 
-LayerQuantizer = Callable[
-    [str, Adder2d, ActivationObserver, int, PTQConfig], tuple[QuantAdder2d, dict[str, Any]]
-]
-METHODS: dict[str, LayerQuantizer] = {}
-FULL_PRECISION = "fp"
-
-
-def register_method(name: str) -> Callable[[LayerQuantizer], LayerQuantizer]:
-    """Decorator adding a layer quantizer under ``name``."""
-    if name == FULL_PRECISION:
-        raise ValueError(f"{FULL_PRECISION!r} is reserved for the unquantized model")
-
-    def add(fn: LayerQuantizer) -> LayerQuantizer:
-        METHODS[name] = fn
-        return fn
-
-    return add
-
-
-# Settings that choose a layer's bit width rather than how a layer is quantized at a width.
-WIDTH_FIELDS = ("bits", "layer_bits", "mixed_precision", "avg_bits")
-
-
-class LayerCache:
-    """Quantized layers of one float model by (layer, bits, the other settings), so that
-    configurations quantizing a layer the same way (a method's rows and the candidates of its
-    mixed-precision allocations) share the work. Hands out copies: later steps (bias
-    correction) change a layer in place."""
-
-    def __init__(self) -> None:
-        self._layers: dict[tuple, tuple[QuantAdder2d, dict[str, Any]]] = {}
-        self._observers: dict[int, ActivationObserver] = {}  # keeps the keys' ids valid
-
-    def quantize(
-        self, name: str, layer: Adder2d, observer: ActivationObserver, bits: int,
-        cfg: PTQConfig,
-    ) -> tuple[QuantAdder2d, dict[str, Any]]:
-        settings = {k: v for k, v in cfg.as_dict().items() if k not in WIDTH_FIELDS}
-        key = (name, bits, json.dumps(settings, sort_keys=True, default=str), id(observer))
-        if key not in self._layers:
-            self._layers[key] = get_method(cfg.method)(name, layer, observer, bits, cfg)
-            self._observers[id(observer)] = observer
-        quant, report = self._layers[key]
-        return copy.deepcopy(quant), copy.deepcopy(report)
-
-
-def quantize_layer(
-    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: PTQConfig,
-    cache: LayerCache | None = None,
-) -> tuple[QuantAdder2d, dict[str, Any]]:
-    """``layer`` quantized by ``cfg.method`` at ``bits`` (through ``cache`` if given)."""
-    if cache is not None:
-        return cache.quantize(name, layer, observer, bits, cfg)
-    return get_method(cfg.method)(name, layer, observer, bits, cfg)
-
-
-def get_method(name: str) -> LayerQuantizer:
-    if name not in METHODS:
-        raise ValueError(
-            f"unknown quantization method {name!r}; choose one of {method_names()}"
-        )
-    return METHODS[name]
-
-
-def method_names() -> tuple[str, ...]:
-    """``fp`` and every registered method."""
-    return (FULL_PRECISION, *METHODS)
-
-
-@dataclass(frozen=True)
-class ReproduceRow:
-    """One method of the reproduce table: ``name`` (``method`` plus an optional hyphenated
-    variant suffix), the registered ``method`` and the configuration ``overrides``; ``bits``
-    is ``None`` for a row evaluated once (full precision). Rows with ``default`` false (the
-    ablations) run only when asked for by name or with ``--methods all``."""
-
-    name: str
-    method: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    bits: tuple[int, ...] | None = (8, 6, 5, 4, 3, 2)
-    default: bool = True
-
-    def widths(self, requested: Sequence[int]) -> list[int | None]:
-        """The requested widths this row runs at (``[None]`` for a row run once; empty when
-        it runs at none of them)."""
-        return [None] if self.bits is None else [b for b in requested if b in self.bits]
-
-
-REPRODUCE_ROWS: list[ReproduceRow] = []
-
-
-def register_reproduce_row(row: ReproduceRow) -> None:
-    """Add (or replace, by name) a row of ``adderquant reproduce``."""
-    REPRODUCE_ROWS[:] = [r for r in REPRODUCE_ROWS if r.name != row.name] + [row]
-
-
-def select_rows(names: list[str] | None) -> list[ReproduceRow]:
-    """The rows named (in table order), every row for ``["all"]``, the default rows for
-    ``None``."""
-    if not names:
-        return [r for r in REPRODUCE_ROWS if r.default]
-    if names == ["all"]:
-        return list(REPRODUCE_ROWS)
-    unknown = sorted(set(names) - {r.name for r in REPRODUCE_ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; choose from "
-                         f"{[r.name for r in REPRODUCE_ROWS]} or 'all'")
-    return [r for r in REPRODUCE_ROWS if r.name in names]
-
-
 # --------------------------------------------------------------------------- helpers
 
 
-def resolve_groups(cfg: PTQConfig, c_out: int) -> int:
+def resolve_groups(cfg: GroupedConfig, c_out: int) -> int:
     """The number of groups of a layer with ``c_out`` filters."""
     if not cfg.grouping:
         return 1
@@ -155,7 +40,7 @@ def resolve_groups(cfg: PTQConfig, c_out: int) -> int:
     return g
 
 
-def activation_threshold(observer: ActivationObserver, cfg: PTQConfig, bits: int) -> float:
+def activation_threshold(observer: ActivationObserver, cfg: PaperConfig, bits: int) -> float:
     """The clipping threshold ``A`` of a layer's input under ``cfg.act_clip``."""
     if cfg.act_clip == "released":
         a = observer.threshold("released", cfg.act_quantile)
@@ -206,9 +91,8 @@ def layer_report(
 # --------------------------------------------------------------------------- methods
 
 
-@register_method("paper")
 def quantize_paper(
-    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: PTQConfig
+    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: PaperConfig
 ) -> tuple[QuantAdder2d, dict[str, Any]]:
     """Nie et al. 2022: k-means groups of filters (``cfg.grouping``), group scale
     ``s_g = min(max|W_g|, A)`` with the lossless clamp of the weights into ``[−s_g, s_g]``
@@ -232,9 +116,8 @@ def quantize_paper(
     return quant, layer_report(name, layer, quant, observer, threshold, limit)
 
 
-@register_method("qssf")
 def quantize_qssf(
-    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: PTQConfig
+    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: QSSFConfig
 ) -> tuple[QuantAdder2d, dict[str, Any]]:
     """One scale per layer shared by weights and activations (QSSF), taken from ``max|W|``,
     from ``max|X|`` or from the larger of the two (``cfg.qssf_source``); no grouping, no clamp:
@@ -250,17 +133,3 @@ def quantize_qssf(
         layer, group, limit / codes.act_max, torch.zeros(1, dtype=torch.int32), codes
     )
     return quant, layer_report(name, layer, quant, observer, x_max, limit)
-
-
-# --------------------------------------------------------------------------- reproduce rows
-
-for _row in (
-    ReproduceRow("fp", FULL_PRECISION, bits=None),
-    ReproduceRow("qssf", "qssf", {"qssf_source": "max", "bias_correction": "none"}),
-    ReproduceRow("paper-faithful", "paper", dict(FAITHFUL)),
-    ReproduceRow("paper", "paper", {}),
-):
-    register_reproduce_row(_row)
-
-# The project's own method registers itself (and its reproduce rows) on import.
-import adderquant.quant.samegrid  # noqa: E402, F401

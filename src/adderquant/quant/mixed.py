@@ -26,10 +26,10 @@ from torch import nn
 
 from adderquant.nn import Adder2d
 from adderquant.quant.calibrate import ActivationObserver
-from adderquant.quant.config import PTQConfig
+from adderquant.quant.config import QuantConfig
 from adderquant.quant.grid import MAX_BITS, MIN_BITS
 from adderquant.quant.layers import QuantAdder2d, adder_layers, replace_module
-from adderquant.quant.methods import LayerCache, quantize_layer
+from adderquant.quant.registry import LayerCache, quantize_layer
 
 
 @torch.no_grad()
@@ -180,13 +180,15 @@ def allocate_mixed_precision(
     model: nn.Module,
     observers: dict[str, ActivationObserver],
     images: torch.Tensor,
-    cfg: PTQConfig,
+    cfg: QuantConfig,
     cache: LayerCache | None = None,
+    names: set[str] | None = None,
 ) -> tuple[dict[str, int], dict[str, Any], dict[str, tuple[QuantAdder2d, dict[str, Any]]]]:
-    """Per-layer bits for ``cfg.bit_budget`` with ``cfg.method``. Returns the widths, a report
-    (widths, sensitivities, output MSEs, operations, the average reached) and the layers
-    quantized at the chosen widths with their reports (every candidate is quantized once).
-    The KL divergence is measured at the candidate width nearest the budget's floor."""
+    """Per-layer bits for ``cfg.bit_budget`` with ``cfg.method`` over the adder layers
+    ``names`` (default: all). Returns the widths, a report (widths, sensitivities, output MSEs,
+    operations, the average reached) and the layers quantized at the chosen widths with their
+    reports (every candidate is quantized once). The KL divergence is measured at the
+    candidate width nearest the budget's floor."""
     budget = cfg.bit_budget
     if budget is None:
         raise ValueError("mixed precision needs avg_bits (or mixed_precision with bits)")
@@ -198,16 +200,18 @@ def allocate_mixed_precision(
         name: {b: quantize_layer(name, copy.deepcopy(layer).cpu(), observers[name], b, cfg,
                                  cache)
                for b in bits}
-        for name, layer in adder_layers(model).items()
+        for name, layer in adder_layers(model).items() if names is None or name in names
     }
     inputs = {}
     for name, obs in observers.items():
+        if name not in quantized:
+            continue
         if len(obs.kept_inputs) == 0:
             raise ValueError("mixed precision needs kept calibration inputs (report_images > 0)")
         inputs[name] = obs.kept_inputs[:MSE_IMAGES]
     variants = {n: {b: q for b, (q, _) in by_bits.items()} for n, by_bits in quantized.items()}
     sensitivity, mse = measure_sensitivity(model, variants, images, inputs, reference_bits)
-    costs = adder_operations(model, images)
+    costs = {n: c for n, c in adder_operations(model, images).items() if n in quantized}
     allocation = allocate_bits(sensitivity, costs, budget)
     report = {
         "budget": budget,

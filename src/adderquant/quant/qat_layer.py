@@ -27,8 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from adderquant.ops import _kernel, adder2d
-from adderquant.ops.adder import _geometry
+from adderquant.ops import adder2d
 from adderquant.quant.clamp import distance_to_interval
 from adderquant.quant.fakequant import (
     act_backward,
@@ -253,9 +252,9 @@ class _FakeQuantAdder(torch.autograd.Function):
         w_hat[slot] = u_w * s
         grad_stacked = grad.new_zeros(grad.shape[0], g * width, *grad.shape[2:])
         grad_stacked[:, slot] = grad
-        geom = _geometry(x_hat, w_hat, layer.stride, layer.padding, layer.dilation, g)
-        gx, gw = _kernel.backward(geom, x_hat, w_hat, grad_stacked.contiguous(), True, True,
-                                  layer.true_gradient)
+        gx, gw = torch.ops.adderquant.adder2d_backward(
+            grad_stacked, x_hat, w_hat, layer.stride, layer.padding, layer.dilation, g, True, True,
+            layer.true_gradient)
         grad_x, act_step = act_backward(x, gx, step, layer.zero_point, layer.codes)
         gw = gw[slot]
         per_channel = step_gradient(gw, u_w, pass_w, weight, s).flatten(1).sum(dim=1)

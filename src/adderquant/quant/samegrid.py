@@ -26,22 +26,16 @@ from adderquant.quant.clipsearch import (
     interval_grid,
     select_groups,
 )
-from adderquant.quant.config import METHOD_DEFAULTS, PTQConfig
+from adderquant.quant.config import AdderQuantConfig
 from adderquant.quant.grid import CodeRange
 from adderquant.quant.layers import QuantAdder2d
-from adderquant.quant.methods import (
-    ReproduceRow,
-    register_method,
-    register_reproduce_row,
-    resolve_groups,
-)
-
-METHOD = "adderquant"
+from adderquant.quant.methods import resolve_groups
 
 
 @dataclass(frozen=True)
 class SameGridSettings:
-    """Choices of the same-grid quantizer (the ``PTQConfig`` fields of the same names).
+    """Choices of the same-grid quantizer (the :class:`AdderQuantConfig` fields of the same
+    names).
 
     ``clip_search`` off: the fixed interval ``[max(x_min, −A), min(x_max, A)]`` (``A``: the
     observer's per-batch ``|x|`` quantile), one group. On: ``clip_candidates`` intervals
@@ -60,7 +54,7 @@ class SameGridSettings:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg: PTQConfig, c_out: int) -> SameGridSettings:
+    def from_config(cls, cfg: AdderQuantConfig, c_out: int) -> SameGridSettings:
         return cls(
             resolve_groups(cfg, c_out), cfg.clip_search, cfg.clip_candidates, cfg.clip_shrink,
             cfg.search_positions, cfg.mean_correction, cfg.seed,
@@ -134,30 +128,11 @@ def quantize_layer(
     return qlayer, report
 
 
-@register_method(METHOD)
 def quantize_adderquant(
-    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: PTQConfig
+    name: str, layer: Adder2d, observer: ActivationObserver, bits: int, cfg: AdderQuantConfig
 ) -> tuple[QuantAdder2d, dict[str, Any]]:
     """The project's method: same unsigned grid for weights and inputs, lossless clamp into
     each group's interval, intervals and groups chosen by output error, mean correction."""
     settings = SameGridSettings.from_config(cfg, layer.adder.shape[0])
     qlayer, report = quantize_layer(layer, observer, bits, settings)
     return qlayer, {"layer": name, **report}
-
-
-# Rows of ``adderquant reproduce``: the ablation (same grid alone, + clip search, + groups,
-# + mean correction = the full method; the first three on request) and mixed precision at the
-# column's average width.
-for _row in (
-    ReproduceRow("adderquant-grid", METHOD, {**METHOD_DEFAULTS[METHOD], "clip_search": False,
-                                             "grouping": False, "mean_correction": False},
-                 default=False),
-    ReproduceRow("adderquant-clip", METHOD, {**METHOD_DEFAULTS[METHOD], "grouping": False,
-                                             "mean_correction": False}, default=False),
-    ReproduceRow("adderquant-groups", METHOD, {**METHOD_DEFAULTS[METHOD],
-                                               "mean_correction": False}, default=False),
-    ReproduceRow("adderquant", METHOD, dict(METHOD_DEFAULTS[METHOD])),
-    ReproduceRow("adderquant-mixed", METHOD, {**METHOD_DEFAULTS[METHOD],
-                                              "mixed_precision": True}, bits=(6, 5, 4, 3)),
-):
-    register_reproduce_row(_row)

@@ -25,22 +25,19 @@
  *
  * Instruction sets. The code under ADDER_TEMPLATE_BODY is compiled once per (element type,
  * instruction set): this file includes itself with ADDER_DOUBLE and ADDER_ISA set. The AVX-512,
- * AVX2 and portable (16-byte GCC vectors) versions are chosen at run time.
+ * AVX2 and portable (16-byte GCC vectors) versions are chosen per call: the path is an argument
+ * (< 0: the best this CPU runs, from the shared dispatch of kernel_common.h). Entry points
+ * return KERNEL_OK or a negative KERNEL_ERR_* code.
  */
 #ifndef ADDER_TEMPLATE_BODY
 
-#include <Python.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define ADDER_X86 1
-#else
-#define ADDER_X86 0
-#endif
+
+#include "kernel_common.h"
 
 /* Shapes of one call; the layout of the ctypes structure in _kernel.py. */
 typedef struct {
@@ -49,8 +46,6 @@ typedef struct {
     int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
     int64_t h_out, w_out;
 } adder_geometry;
-
-enum { ADDER_OK = 0, ADDER_NO_MEMORY = 1, ADDER_UNKNOWN_PATH = 2, ADDER_UNSUPPORTED_PATH = 3 };
 
 #define ADDER_ISA_PORTABLE 0
 #define ADDER_ISA_AVX2 1
@@ -107,7 +102,7 @@ static inline double weight_factor(double d, int exact) { return exact ? sign_of
 #define ADDER_ISA ADDER_ISA_PORTABLE
 #include "adder_kernel.c"
 #undef ADDER_ISA
-#if ADDER_X86
+#if KERNEL_X86
 #define ADDER_ISA ADDER_ISA_AVX2
 #include "adder_kernel.c"
 #undef ADDER_ISA
@@ -120,7 +115,7 @@ static inline double weight_factor(double d, int exact) { return exact ? sign_of
 #define ADDER_ISA ADDER_ISA_PORTABLE
 #include "adder_kernel.c"
 #undef ADDER_ISA
-#if ADDER_X86
+#if KERNEL_X86
 #define ADDER_ISA ADDER_ISA_AVX2
 #include "adder_kernel.c"
 #undef ADDER_ISA
@@ -134,8 +129,6 @@ static inline double weight_factor(double d, int exact) { return exact ? sign_of
 /* ------------------------------------------------------------------ run-time dispatch ---- */
 
 typedef struct {
-    const char *name;
-    int (*supported)(void);
     int (*forward_f32)(const adder_geometry *, const float *, const float *, float *, int);
     int (*forward_f64)(const adder_geometry *, const double *, const double *, double *, int);
     int (*backward_f32)(const adder_geometry *, const float *, const float *, const float *,
@@ -144,96 +137,59 @@ typedef struct {
                         double *, double *, int, int);
 } adder_impl;
 
-static int always_supported(void) { return 1; }
-#if ADDER_X86
-static int avx2_supported(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-static int avx512_supported(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma");
-}
-#endif
+#define IMPL_ENTRY(isa) {forward_f32_##isa, forward_f64_##isa, backward_f32_##isa, backward_f64_##isa}
+#define NO_IMPL {NULL, NULL, NULL, NULL}
 
-#define IMPL_ENTRY(isa, check)                                                                 \
-    { #isa, check, forward_f32_##isa, forward_f64_##isa, backward_f32_##isa, backward_f64_##isa }
-
-/* Best first. */
-static const adder_impl IMPLS[] = {
-#if ADDER_X86
-    IMPL_ENTRY(avx512, avx512_supported),
-    IMPL_ENTRY(avx2, avx2_supported),
+/* By path (kernel_common.h). */
+static const adder_impl IMPLS[KERNEL_PATHS] = {
+    IMPL_ENTRY(portable),
+#if KERNEL_X86
+    IMPL_ENTRY(avx2),
+    IMPL_ENTRY(avx512),
+#else
+    NO_IMPL,
+    NO_IMPL,
 #endif
-    IMPL_ENTRY(portable, always_supported),
 };
-#define N_IMPLS ((int)(sizeof(IMPLS) / sizeof(IMPLS[0])))
 
-static const adder_impl *active_impl;
-
-static const adder_impl *impl(void)
+/* The implementation of `path` (< 0: the best this CPU supports); NULL if it cannot run. */
+static const adder_impl *impl(int path)
 {
-    if (!active_impl) {
-        for (int i = 0; i < N_IMPLS && !active_impl; i++)
-            if (IMPLS[i].supported())
-                active_impl = &IMPLS[i];
-    }
-    return active_impl;
+    path = kernel_resolve_path(path);
+    return path < 0 || !IMPLS[path].forward_f32 ? NULL : &IMPLS[path];
 }
 
-/* Name of the instruction-set path in use: "avx512", "avx2" or "portable". */
-const char *adder_simd_path(void) { return impl()->name; }
-
-/* Use the named path ("auto": the best one this CPU supports). */
-int adder_select_simd(const char *name)
-{
-    if (strcmp(name, "auto") == 0) {
-        active_impl = NULL;
-        impl();
-        return ADDER_OK;
-    }
-    for (int i = 0; i < N_IMPLS; i++) {
-        if (strcmp(name, IMPLS[i].name) == 0) {
-            if (!IMPLS[i].supported())
-                return ADDER_UNSUPPORTED_PATH;
-            active_impl = &IMPLS[i];
-            return ADDER_OK;
-        }
-    }
-    return ADDER_UNKNOWN_PATH;
-}
-
-/* Y (N x C_out x H_out x W_out) = -sum |X - W| over each window. */
+/* Y (N x C_out x H_out x W_out) = -sum |X - W| over each window, on instruction-set path
+ * `path` (< 0: the best). Returns KERNEL_OK or a negative KERNEL_ERR_* code. */
 int adder_forward_f32(const adder_geometry *g, const float *x, const float *w, float *y,
-                      int threads)
+                      int path, int threads)
 {
-    return impl()->forward_f32(g, x, w, y, threads);
+    const adder_impl *p = impl(path);
+    return p ? p->forward_f32(g, x, w, y, threads) : KERNEL_ERR_PATH;
 }
 int adder_forward_f64(const adder_geometry *g, const double *x, const double *w, double *y,
-                      int threads)
+                      int path, int threads)
 {
-    return impl()->forward_f64(g, x, w, y, threads);
+    const adder_impl *p = impl(path);
+    return p ? p->forward_f64(g, x, w, y, threads) : KERNEL_ERR_PATH;
 }
 
 /* Gradients from the output gradient gy: gx = sum clamp(w - x, -1, 1) * gy and
  * gw = sum (x - w) * gy (AdderNet's, before the adaptive scaling), or with `exact` non-zero
  * gx = sum sign(w - x) * gy and gw = sum sign(x - w) * gy. gx or gw may be NULL (not needed). */
 int adder_backward_f32(const adder_geometry *g, const float *x, const float *w, const float *gy,
-                       float *gx, float *gw, int exact, int threads)
+                       float *gx, float *gw, int exact, int path, int threads)
 {
-    return impl()->backward_f32(g, x, w, gy, gx, gw, exact, threads);
+    const adder_impl *p = impl(path);
+    return p ? p->backward_f32(g, x, w, gy, gx, gw, exact, threads) : KERNEL_ERR_PATH;
 }
 int adder_backward_f64(const adder_geometry *g, const double *x, const double *w,
-                       const double *gy, double *gx, double *gw, int exact, int threads)
+                       const double *gy, double *gx, double *gw, int exact, int path,
+                       int threads)
 {
-    return impl()->backward_f64(g, x, w, gy, gx, gw, exact, threads);
+    const adder_impl *p = impl(path);
+    return p ? p->backward_f64(g, x, w, gy, gx, gw, exact, threads) : KERNEL_ERR_PATH;
 }
-
-static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_adder_kernel", NULL, -1, NULL};
-PyMODINIT_FUNC PyInit__adder_kernel(void) { return PyModule_Create(&def); }
 
 #else /* ADDER_TEMPLATE_BODY: one (element type, instruction set) version of the kernels ---- */
 
@@ -312,7 +268,7 @@ typedef ITYPE IVEC __attribute__((vector_size(VBYTES)));
 #else
 #define VSET1(s)                                                                               \
     ({                                                                                         \
-        VEC set_v;                                                                             \
+        VEC set_v = VZERO;                                                                     \
         for (int set_i = 0; set_i < LANES; set_i++)                                            \
             set_v[set_i] = (s);                                                                \
         set_v;                                                                                 \
@@ -807,7 +763,7 @@ static int FN(forward)(const adder_geometry *g, const T *x, const T *w, T *y, in
     free(wpack);
     free(wsum);
     free(shared_buf);
-    return failed ? ADDER_NO_MEMORY : ADDER_OK;
+    return failed ? KERNEL_ERR_MEMORY : KERNEL_OK;
 }
 
 /* ------------------------------------------------------------------ input gradient ---- */
@@ -1166,7 +1122,7 @@ static int FN(backward)(const adder_geometry *g, const T *x, const T *w, const T
     free(acc_total);
     free(shared);
     free(partials);
-    return failed ? ADDER_NO_MEMORY : ADDER_OK;
+    return failed ? KERNEL_ERR_MEMORY : KERNEL_OK;
 }
 
 #if ADDER_ISA != ADDER_ISA_PORTABLE
