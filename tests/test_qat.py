@@ -134,7 +134,7 @@ def test_fake_quant_forward_equals_the_integer_path(ratio, bits, stride):
         trainable.step.mul_(torch.tensor([1.07, 0.93, 1.02]))
         trainable.bias.add_(0.5)
         converted = trainable.to_quant()
-        assert converted._uses_integer_kernel(x)
+        assert converted.integer_path_applies(x)
         assert torch.equal(trainable(x), converted(x))
 
 

@@ -19,8 +19,8 @@ from adderquant.quant.io import load_quantized, save_quantized
 from adderquant.quant.ptq import CalibrationSet, quantize_with_report
 from adderquant.quant.qat import qat
 from adderquant.quant.qat_config import LOSSES, QATConfig
-from adderquant.quant.report import json_ready
 from adderquant.quant.registry import get_method, method_names
+from adderquant.quant.report import json_ready
 
 EVAL_BATCH = 250
 _HELP = {
