@@ -5,7 +5,8 @@ requantization and the CPU-feature dispatch they share."""
 from setuptools import Extension, setup
 
 CSRC = "src/adderquant/ops/csrc"
-SOURCES = ["module.c", "cpu_dispatch.c", "adder_kernel.c", "sad_kernel.c", "requant.c"]
+SOURCES = ["module.c", "cpu_dispatch.c", "adder_kernel.c", "sad_kernel.c", "requant.c",
+           "fakequant.c"]
 COMPILE_ARGS = ["-O3", "-fopenmp", "-std=c11", "-fno-math-errno", "-Wall"]
 LINK_ARGS = ["-fopenmp"]
 

@@ -19,7 +19,7 @@ from adderquant.ops.requant import fixed_point
 from adderquant.ops.sad import ConvGeometry, packed_bytes
 
 CSRC = Path(adderquant.ops.__file__).parent / "csrc"
-SOURCES = ["cpu_dispatch.c", "adder_kernel.c", "sad_kernel.c", "requant.c"]
+SOURCES = ["cpu_dispatch.c", "adder_kernel.c", "sad_kernel.c", "requant.c", "fakequant.c"]
 FLAGS = ["-O3", "-fopenmp", "-std=c11", "-fno-math-errno", "-Wall", "-Werror", "-shared", "-fPIC"]
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or not (CSRC / SOURCES[0]).exists(),

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # Each module defines ``register(subparsers)``, which adds a sub-command whose ``func`` runs it.
-COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "reproduce", "analyze",
-            "models", "compare")
+COMMANDS = ("eval", "data", "train", "energy", "export", "infer", "ptq", "qat", "reproduce",
+            "analyze", "models", "compare")
 # Commands that may look up (and download) a checkpoint or a dataset.
-RESOLVING = ("eval", "train", "infer", "ptq", "reproduce", "analyze", "compare")
+RESOLVING = ("eval", "train", "infer", "ptq", "qat", "reproduce", "analyze", "compare")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

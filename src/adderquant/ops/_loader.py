@@ -1,5 +1,6 @@
 """The one ctypes loader of the compiled kernels (``adderquant.ops._kernels``): the adder
-kernel, the SAD convolution, the requantization and their shared CPU-feature dispatch.
+kernel, the SAD convolution, the requantization, the fused fake quantization of training and
+their shared CPU-feature dispatch.
 
 Every C function that can fail returns 0 or a negative status code (``csrc/kernel_common.h``);
 :func:`check` turns one into an exception. Instruction-set paths are named by :data:`PATHS`
@@ -49,6 +50,12 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {
         [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
          _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _INT],  # mult, offset, shift, residual, relu, out,
     ),                                              # threads
+    "fq_act_forward": (None, [_PTR, _I64, _I64, _I64,  # x, n, inner, grids
+                              _PTR, _PTR, _PTR, _INT, _PTR, _INT]),  # step, lo, hi, dequant,
+    #                                                                  out, threads
+    "fq_act_backward": (None, [_PTR, _PTR, _I64, _I64, _I64,  # x, grad, n, inner, grids
+                               _PTR, _PTR, _PTR, _PTR, _PTR, _INT]),  # step, lo, hi, grad_x,
+    #                                                                   step_grad, threads
     "sums_to_float": (
         None,
         [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
