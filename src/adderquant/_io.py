@@ -109,6 +109,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_torch_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` with ``torch.save`` through :func:`write_bytes_atomic`."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON with :func:`write_bytes_atomic`."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

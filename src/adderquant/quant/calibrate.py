@@ -122,6 +122,20 @@ def calibrate(
     layers = adder_layers(model)
     if not layers:
         raise ValueError("the model has no adder layers (adderquant.nn.Adder2d) to quantize")
+    return observe_inputs(model, layers, batches, make_observer, progress)
+
+
+@torch.no_grad()
+def observe_inputs(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    make_observer=ActivationObserver,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> dict[str, ActivationObserver]:
+    """Run ``model`` (eval mode) over ``batches``, observing the input of each of ``layers``
+    (by name) with an observer of its own."""
     observers = {name: make_observer() for name in layers}
     hooks = [
         layer.register_forward_pre_hook(
@@ -132,7 +146,7 @@ def calibrate(
     model.eval()
     seen = 0
     try:
-        for x, _ in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+        for x, _ in tqdm(batches, desc=desc, disable=not progress, leave=False):
             model(x)
             seen += 1
     finally:

@@ -13,14 +13,13 @@ ratio, stride, padding, dilation). Loading rebuilds the model by name and puts a
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adderquant._io import write_bytes_atomic
+from adderquant._io import write_torch_atomic
 from adderquant.models import create_model
 from adderquant.models.checkpoint import (
     CheckpointError,
@@ -51,9 +50,7 @@ def save_quantized(
         "state_dict": {k: v.cpu() if isinstance(v, torch.Tensor) else v
                        for k, v in model.state_dict().items()},
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_torch_atomic(path, payload)
 
 
 def read_quantized(path: str | Path) -> dict[str, Any]:

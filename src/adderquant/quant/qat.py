@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import math
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from adderquant._io import write_bytes_atomic
+from adderquant._io import write_torch_atomic
 from adderquant.data.transforms import NORMALISATION, normalize
 from adderquant.quant.layers import QuantAdder2d, replace_module
 from adderquant.quant.qat_config import QATConfig
@@ -206,9 +205,7 @@ def fingerprint(quantized: nn.Module) -> str:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_torch_atomic(path, state)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -222,8 +219,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable QAT checkpoint ({type(e).__name__}: {e}); "
                          "delete it and start again without --resume") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an adderquant QAT checkpoint; delete it or choose "
-                         "another --checkpoint-file")
+        raise ValueError(f"{path} is not an adderquant QAT checkpoint; delete it or give "
+                         "another --state")
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint version {state.get('version')}; this "
                          f"adderquant reads version {CHECKPOINT_VERSION}")

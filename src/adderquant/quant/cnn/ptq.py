@@ -36,9 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from adderquant.quant.calibrate import ActivationObserver
+from adderquant.quant.calibrate import ActivationObserver, observe_inputs
 from adderquant.quant.cnn.layers import (
     QuantConv2d,
     activation_fake_quant,
@@ -122,25 +121,11 @@ def calibrate_cnn(
 ) -> dict[str, ActivationObserver]:
     """Statistics of the input of every quantizable convolution of ``folded`` (eval mode)."""
     layers = quantizable_convs(folded)
-    observers = {
-        name: ActivationObserver(quantile=cfg.percentile, keep_images=cfg.keep_images,
-                                 seed=cfg.seed)
-        for name in layers
-    }
-    hooks = [layer.register_forward_pre_hook(
-        lambda mod, args, name=name: observers[name].update(args[0], name))
-        for name, layer in layers.items()]
-    folded.eval()
-    seen = 0
-    try:
-        for x, _ in tqdm(batches, desc="calibrate cnn", disable=not progress, leave=False):
-            folded(x)
-            seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-    if seen == 0:
-        raise ValueError("the calibration set is empty")
+    observers = observe_inputs(
+        folded, layers, batches,
+        lambda: ActivationObserver(quantile=cfg.percentile, keep_images=cfg.keep_images,
+                                   seed=cfg.seed),
+        progress, desc="calibrate cnn")
     for name, obs in observers.items():
         if obs.min < 0:
             raise ValueError(f"convolution {name!r} sees negative inputs ({obs.min:.3g}); the "
