@@ -75,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads per process")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run, output_dirs={"out": RunFolder.FILES})
 
 
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     with process_group(processes, device):
         result = fit(model, data, cfg, identity, normalisation, folder=folder, resume=resume,
                      stop_after=args.stop_after, processes=processes, device=device,
-                     progress=not args.json, report=report)
+                     progress=not (args.json or args.no_progress), report=report)
     if not processes.main:
         return 0
     summary = {"model": record.name, "dataset": dataset, "processes": processes.world,
