@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from adderquant.engine.sad import active_path, available_paths, sad_conv2d
 from adderquant.ops import adder2d
+from adderquant.ops.sad import active_path, available_paths, sad_conv2d
 from resnet20_shapes import SHAPES
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -13,15 +13,15 @@ import torch
 from adderquant.cli import main
 from adderquant.data import TensorLoader, load_dataset
 from adderquant.engine import IntegerEngine, export_model, load, lower
-from adderquant.engine.requant import (
+from adderquant.models import create_model, load_pretrained
+from adderquant.ops.requant import (
     codes_from_float,
     codes_from_stream,
     codes_from_sums,
     fixed_point,
     requant_fixed,
 )
-from adderquant.engine.sad import ConvGeometry, pack
-from adderquant.models import create_model, load_pretrained
+from adderquant.ops.sad import ConvGeometry, pack
 from adderquant.quant import (
     CodeRange,
     QuantAdder2d,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adderquant.engine.requant import codes_from_float
-from adderquant.engine.sad import ConvGeometry
 from adderquant.nn import Adder2d
 from adderquant.ops.reference import adder2d_reference
+from adderquant.ops.requant import codes_from_float
+from adderquant.ops.sad import ConvGeometry
 from adderquant.quant import grouping
 from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import PaperConfig, QSSFConfig

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adderquant.engine.requant import sums_to_float
-from adderquant.engine.sad import (
+from adderquant.ops.requant import sums_to_float
+from adderquant.ops.sad import (
     PATHS,
     ConvGeometry,
     active_path,
