@@ -30,6 +30,7 @@ _HELP = {
     "lr": "Adam learning rate of the adder layers, in units of each layer's grid step",
     "step_lr": "Adam learning rate of the grid steps, relative to each step",
     "float_lr": "Adam learning rate of the float layers (first conv, classifier, BatchNorm)",
+    "warmup": "first fraction of the steps with the learning rates rising linearly from 0",
     "loss": "kl: distillation from the float model's logits; ce: cross-entropy on labels",
     "temperature": "distillation temperature",
     "bn_refresh_batches": "batches re-estimating BatchNorm at the start and before the freeze",
@@ -37,6 +38,8 @@ _HELP = {
     "true_gradient": "exact sign gradients through the adder op instead of AdderNet's",
     "holdout": "last training images never trained on (agreement and KL)",
     "eval_images": "held-out images scored after every epoch",
+    "augment": "pad-4 crop + flip of the training images (default: where the dataset's "
+    "training recipe has it: CIFAR)",
     "views": "distinct augmentations of the training images (teacher logits kept per view)",
     "seed": "seed of the data order and augmentation",
 }
@@ -82,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         text = f"{_HELP[f.name]} (default: {default})"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.name == "augment":
             g.add_argument(flag, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=text)
         elif f.name == "loss":

@@ -8,15 +8,17 @@ returns a model of the same kind as ``quantized`` with the trained codes, steps 
 Recipe (defaults in :class:`~adderquant.quant.qat_config.QATConfig`):
 
 1. BatchNorm statistics refreshed in train mode on the quantized model (cumulative average over
-   ``bn_refresh_batches`` batches, no update).
-2. Adam with a cosine learning rate; the adder layers' rate is in units of their grid step.
+   ``bn_refresh_batches`` batches of un-augmented training images, as evaluation sees them).
+2. Adam with a cosine learning rate (after an optional linear warmup); the adder layers' rate
+   is in units of their grid step.
    Loss: ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` to the float model's logits ``t`` (or
    cross-entropy). BatchNorm in train mode.
 3. For the last ``bn_freeze`` of the steps: statistics refreshed again, then frozen (eval mode).
 
 Data: the training images except the last ``holdout`` (never trained on), in ``views`` fixed
-augmentations (pad-4 crop + flip per image, seeded); epoch ``e`` shuffles (seeded by ``e``)
-view ``e % views``. The float model's logits are computed once per image and view and kept.
+augmentations (pad-4 crop + flip per image, seeded; where the dataset's training recipe has
+that augmentation, or ``augment`` asks for it); epoch ``e`` shuffles (seeded by ``e``) view
+``e % views``. The float model's logits are computed once per image and view and kept.
 After every epoch the trained model is converted and scored on the held-out images (top-1
 agreement with the float model, mean KL of its outputs) and a checkpoint is written
 atomically; ``resume`` continues from it (the same result as an uninterrupted run).
@@ -38,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adderquant._io import write_torch_atomic
+from adderquant.data.splits import AUGMENTATIONS
 from adderquant.data.transforms import NORMALISATION, normalize
 from adderquant.quant.layers import QuantAdder2d, replace_module
 from adderquant.quant.qat_config import QATConfig
@@ -90,10 +93,11 @@ def set_true_gradient(student: nn.Module, on: bool) -> None:
 
 class AugmentedViews:
     """Fixed pad-4 crop + flip augmentations of ``images`` (uint8 N x C x H x W): view ``v``
-    draws every image's offsets and flip from a generator seeded by ``(seed, v)``."""
+    draws every image's offsets and flip from a generator seeded by ``(seed, v)``. With
+    ``augment`` false every view is the images themselves."""
 
-    def __init__(self, images: torch.Tensor, seed: int) -> None:
-        self.images, self.seed = images, seed
+    def __init__(self, images: torch.Tensor, seed: int, augment: bool = True) -> None:
+        self.images, self.seed, self.augment = images, seed, augment
         self._params: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def params(self, view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,6 +111,8 @@ class AugmentedViews:
 
     def batch(self, view: int, idx: torch.Tensor) -> torch.Tensor:
         """The images ``idx`` of view ``view`` (uint8)."""
+        if not self.augment:
+            return self.images[idx]
         dy, dx, flip = (p[idx] for p in self.params(view))
         x = self.images[idx]
         n, c, h, w = x.shape
@@ -190,8 +196,12 @@ def parameter_groups(student: nn.Module, cfg: QATConfig) -> list[dict[str, Any]]
     return groups
 
 
-def cosine(step: int, total: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * step / total))
+def schedule(step: int, total: int, warmup: int = 0) -> float:
+    """Learning-rate factor of ``step`` of ``total``: linear from ``1/warmup`` to 1 over the
+    first ``warmup`` steps, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
 def fingerprint(quantized: nn.Module) -> str:
@@ -261,8 +271,11 @@ def qat(
     per_epoch = max(1, n_train // cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
+    warmup = round(total * cfg.warmup)
     freeze_at = round(total * (1.0 - cfg.bn_freeze)) if cfg.bn_freeze > 0 else None
-    views = AugmentedViews(train_images, cfg.seed)
+    augment = cfg.augment if cfg.augment is not None else AUGMENTATIONS.get(dataset) == "crop+flip"
+    views = AugmentedViews(train_images, cfg.seed, augment)
+    view_count = cfg.views if augment else 1
     training = quantized.training, model.training
     teacher = model.eval()
     start_time = time.perf_counter()
@@ -288,7 +301,7 @@ def qat(
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(n_train, generator=g)
         count = min(cfg.bn_refresh_batches, per_epoch)
-        return [prepare(views.batch(0, order[i * cfg.batch_size:(i + 1) * cfg.batch_size]))
+        return [prepare(train_images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
                 for i in range(count)]
 
     with torch.random.fork_rng(devices=[]):
@@ -302,7 +315,7 @@ def qat(
         if state["step"] == 0 and cfg.bn_refresh_batches:
             refresh_bn(student, refresh_batches())
         for epoch in range(state["epoch"], epochs):
-            view = epoch % cfg.views
+            view = epoch % view_count
             cache = state["teacher"].setdefault(view, torch.full(
                 (n_train, _num_outputs(teacher, train_images[:1], prepare)), float("nan")))
             order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
@@ -326,7 +339,7 @@ def qat(
                         cache[idx] = teacher(x)
                 target = cache[idx]
                 for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * cosine(state["step"], total)
+                    group["lr"] = group["base_lr"] * schedule(state["step"], total, warmup)
                 out = student(x)
                 loss = (F.cross_entropy(out, y) if cfg.loss == "ce"
                         else distillation_loss(out, target, cfg.temperature))

@@ -25,6 +25,7 @@ class QATConfig:
     # gradient's scale, so the steps need their own, smaller rate)
     step_lr: float = 5e-5
     float_lr: float = 1e-5  # Adam learning rate of the float layers (first conv, classifier, BN)
+    warmup: float = 0.0  # first fraction of the steps with the learning rates rising linearly
     loss: str = "kl"  # kl: distillation from the float model's logits; ce: cross-entropy
     temperature: float = 1.0  # of the distillation loss (multiplied back by T^2)
     bn_refresh_batches: int = 50  # train-mode batches re-estimating BatchNorm at start/freeze
@@ -32,6 +33,9 @@ class QATConfig:
     true_gradient: bool = False  # exact sign gradients through the adder op (else AdderNet's)
     holdout: int = 10000  # last training images never trained on (agreement and KL)
     eval_images: int = 10000  # held-out images evaluated after every epoch (0: none)
+    # pad-4 crop + flip of the training images (None: where the dataset's training recipe has
+    # it, CIFAR; MNIST and Fashion-MNIST models are trained without)
+    augment: bool | None = None
     views: int = 2  # distinct augmentations of the training images; epoch e uses view e % views
     seed: int = 0
 
@@ -51,6 +55,8 @@ class QATConfig:
                 raise ValueError(f"{name} must be a finite number above 0, got {value}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.bn_freeze < 1.0:
             raise ValueError(f"bn_freeze must be in [0, 1), got {self.bn_freeze}")
         for name in ("bn_refresh_batches", "holdout", "eval_images"):
