@@ -167,3 +167,27 @@ def test_ptq_help_shows_the_defaults_it_runs_with(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])
     assert "quantization method (default: paper)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_reproduce_qat_row_is_qat_of_the_post_training_result(
+    shared_data_root, released_checkpoint, tmp_path, capsys
+) -> None:
+    """The ``adderquant-qat`` row equals ``adderquant qat`` run by itself with the same budget
+    (the post-training step, then QAT holding out the last 10,000 training images)."""
+    torch.set_num_threads(1)
+    args = [*model_args(shared_data_root, released_checkpoint), "--limit", "40",
+            "--no-progress"]
+    assert main(["reproduce", "--out", str(tmp_path), "--bits", "4", "--methods",
+                 "adderquant-qat", "--agreement-images", "40", "--qat-steps", "2",
+                 "--qat-batch-size", "16", *args]) == 0
+    row = json.loads((tmp_path / "results.json").read_text())[0]
+    assert (row["method"], row["bits"]) == ("adderquant-qat", 4)
+    capsys.readouterr()
+    assert main(["qat", "--method", "adderquant", "--bits", "4", "--steps", "2",
+                 "--batch-size", "16", "--eval-images", "0", "--json", *args]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert row["top1"] == pytest.approx(alone["top1"])
+    assert 0.0 < row["kl"] and 0.0 <= row["agreement"] <= 100.0
+    assert main(["reproduce", "--out", str(tmp_path), "--methods", "adderquant-qat", "--bits",
+                 "8", *args]) == 2
+    assert "runs at [4, 3, 2] bits" in capsys.readouterr().err

@@ -14,8 +14,9 @@ from adderquant.cli.common import (
     dataset_name,
 )
 from adderquant.cli.config_args import add_field_flag, given_fields
-from adderquant.cli.validate import bit_width, non_negative_int
+from adderquant.cli.validate import bit_width, non_negative_int, positive_int
 from adderquant.quant.config import QuantConfig
+from adderquant.quant.qat_config import QATConfig
 from adderquant.quant.report import json_ready
 from adderquant.studies.experiment import Experiment
 from adderquant.studies.plots import plot_accuracy_vs_bits
@@ -30,6 +31,7 @@ from adderquant.studies.reproduce import (
 
 OUTPUT_FILES = ("table.md", "results.json", "accuracy_vs_bits.png", "agreement_vs_bits.png",
                 "kl_vs_bits.png")
+QAT_FIELDS = ("epochs", "steps", "batch_size")
 RUN_FIELDS = ("calib_batches", "calib_batch_size", "calib_pool", "bn_batches",
               "bias_correction_batches")
 
@@ -57,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration of every row (default: each row's method's own)")
     for name in RUN_FIELDS:
         add_field_flag(g, name, None)
+    q = p.add_argument_group("quantization-aware training of the adderquant-qat row "
+                             "(default: QATConfig's)")
+    for name in QAT_FIELDS:
+        q.add_argument("--qat-" + name.replace("_", "-"), dest="qat_" + name, type=positive_int,
+                       default=None, help=f"{name.replace('_', ' ')} (default: "
+                       f"{getattr(QATConfig(), name)})")
     seed = QuantConfig.__dataclass_fields__["seed"].default
     p.add_argument("--seed", type=int, nargs="+", default=[seed],
                    help="calibration seed(s); with several, every cell is the mean ± standard "
@@ -76,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     configs = [c for r in rows for c in [r.configure(None, given)] if c is not None]
     for cfg in configs:
         exp.check_split(cfg)
-    results = over_seeds([accuracy_table(exp, rows, args.bits, {**given, "seed": seed})
+    qat = {name: getattr(args, "qat_" + name) for name in QAT_FIELDS
+           if getattr(args, "qat_" + name) is not None}
+    results = over_seeds([accuracy_table(exp, rows, args.bits, {**given, "seed": seed}, qat)
                           for seed in args.seed])
     out = Path(args.out)
     n_test = sum(len(y) for _, y in exp.test)

@@ -22,6 +22,8 @@ from adderquant.quant.bn import model_device
 from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import QuantConfig
 from adderquant.quant.ptq import CalibrationSet, collect_statistics, quantize_with_report
+from adderquant.quant.qat import qat as train_qat
+from adderquant.quant.qat_config import QATConfig
 from adderquant.quant.registry import LayerCache
 
 FULL_PRECISION = "fp"  # the name of the float model's row
@@ -153,8 +155,12 @@ class Experiment:
             self._reference = logits(self.model, self._agreement)
         return self._agreement, self._reference
 
-    def run(self, cfg: QuantConfig | None) -> tuple[nn.Module, dict[str, Any]]:
-        """Quantize with ``cfg`` (``None``: the float model itself); returns the model and a
+    def run(
+        self, cfg: QuantConfig | None, qat: QATConfig | None = None,
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """Quantize with ``cfg`` (``None``: the float model itself), then, with ``qat``, train
+        the result by quantization-aware training (never on the agreement images: its held-out
+        set covers them); returns the model and a
         row: top1 on the test subset and top-1 agreement with the float model there
         (``test_agreement``), top-1 agreement on the agreement images and the mean KL
         divergence of the outputs from the float model's there (``agreement``, ``kl`` in nats;
@@ -168,6 +174,10 @@ class Experiment:
             qmodel, report = quantize_with_report(
                 self.model, cfg, self.calibration_set(cfg), observers=observers,
                 progress=self.progress, cache=self._layers)
+            if qat is not None:
+                qat = qat.replace(holdout=max(qat.holdout, self.agreement_images), eval_images=0)
+                qmodel, _ = train_qat(self.model, qmodel, qat, self.train_images,
+                                      self.train_labels, self.dataset, progress=self.progress)
         labels = torch.cat([y for _, y in self.test])
         if self._test_reference is None:
             self._test_reference = predictions(self.model, self.test)

@@ -19,6 +19,7 @@ from adderquant.quant.config import (
     QuantConfig,
     field_names,
 )
+from adderquant.quant.qat_config import QATConfig
 from adderquant.quant.qssf_repaired import QSSFRepairedConfig
 from adderquant.studies.experiment import FULL_PRECISION, Experiment
 
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 class ReproduceRow:
     """One method of the reproduce table: ``name`` (the method plus an optional hyphenated
     variant suffix) and its configuration (``None``: the float model); ``bits`` is ``None``
-    for a row evaluated once (full precision). Rows with ``default`` false (the ablations) run
-    only when asked for by name or with ``--methods all``."""
+    for a row evaluated once (full precision). Rows with ``default`` false (the ablations, and
+    quantization-aware training, which takes minutes per width) run only when asked for by name
+    or with ``--methods all``. ``qat``: train the post-training result with these settings."""
 
     name: str
     config: QuantConfig | None
     bits: tuple[int, ...] | None = (8, 6, 5, 4, 3, 2)
     default: bool = True
+    qat: QATConfig | None = None
 
     def widths(self, requested: Sequence[int]) -> list[int | None]:
         """The requested widths this row runs at (``[None]`` for a row run once; empty when
@@ -68,6 +71,8 @@ REPRODUCE_ROWS: list[ReproduceRow] = [
     ReproduceRow("adderquant-groups", AdderQuantConfig(mean_correction=False), default=False),
     ReproduceRow("adderquant", AdderQuantConfig()),
     ReproduceRow("adderquant-mixed", AdderQuantConfig(mixed_precision=True), bits=(6, 5, 4, 3)),
+    ReproduceRow("adderquant-qat", AdderQuantConfig(), bits=(4, 3, 2), default=False,
+                 qat=QATConfig()),
 ]
 
 
@@ -87,10 +92,10 @@ def select_rows(names: list[str] | None) -> list[ReproduceRow]:
 
 def accuracy_table(
     exp: Experiment, rows: Sequence[ReproduceRow], bits: Sequence[int],
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None, qat_overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every row at every bit width (a full-precision row once), each with the
-    ``overrides`` it has settings for."""
+    ``overrides`` it has settings for; rows with QAT settings take ``qat_overrides`` too."""
     results = []
     for row in rows:
         widths = row.widths(bits)
@@ -98,7 +103,8 @@ def accuracy_table(
             raise ValueError(f"row {row.name} runs at {list(row.bits)} bits, none of the "
                              f"requested {list(bits)}")
         for b in widths:
-            _, result = exp.run(row.configure(b, overrides or {}))
+            qat = row.qat.replace(**(qat_overrides or {})) if row.qat is not None else None
+            _, result = exp.run(row.configure(b, overrides or {}), qat=qat)
             result.update(method=row.name, bits=b)
             results.append(result)
             log.info(_progress_line(result))
