@@ -161,6 +161,26 @@ def test_codes_from_float_match_torch_rounding(geometry):
     assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
 
 
+def test_codes_from_float_long_rows_with_ties_clamps_and_nonfinite_values():
+    """Rows of 8-value vectors and a tail: ties, values beyond both clamps, and a NaN or an
+    infinity in the vector part or in the tail each make the producer refuse the input."""
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 11, 13, generator=g) * 6
+    x[0, 0, 0, :6] = torch.tensor([0.25, 0.75, -0.25, 100.0, -100.0, 1.25])
+    scale = torch.tensor([0.5, 0.125])
+    zero = torch.tensor([3, 0], dtype=torch.int32)
+    got = codes_from_float(x, scale, zero, 6, geometry)
+    want = torch.clamp(torch.round(x.unsqueeze(0) / scale.view(-1, 1, 1, 1, 1))
+                       + zero.view(-1, 1, 1, 1, 1).float(), 0, 63).to(torch.uint8)
+    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
+    for index, value in [((1, 2, 3, 4), float("nan")), ((0, 1, 10, 12), float("-inf"))]:
+        bad = x.clone()
+        bad[index] = value
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            codes_from_float(bad, scale, zero, 6, geometry)
+
+
 def fakequant64(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return copy.deepcopy(model).double()(x.double())

@@ -62,6 +62,33 @@ DEFINE_ROWS(base, )
 DEFINE_ROWS(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))))
 #endif
 
+#if KERNEL_X86
+/* FLOAT_ROW with AVX2, 8 values at a time: the same IEEE division, rounding to nearest even,
+ * addition and clamp, hence the same codes; a value is non-finite when v - v is not zero. */
+__attribute__((target("avx2,fma"))) static int float_row_avx2(const float *restrict src,
+                                                              int64_t pixels, float sc,
+                                                              float zf, float qf,
+                                                              uint8_t *restrict dst) {
+    const __m256 vs = _mm256_set1_ps(sc), vz = _mm256_set1_ps(zf), vq = _mm256_set1_ps(qf);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 bad = zero;
+    int64_t p = 0;
+    for (; p + 8 <= pixels; p += 8) {
+        const __m256 v = _mm256_loadu_ps(src + p);
+        bad = _mm256_or_ps(bad, _mm256_sub_ps(v, v));
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(v, vs),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, vz), zero), vq);
+        const __m256i i = _mm256_cvttps_epi32(q);
+        const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(i),
+                                           _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i *)(dst + p), _mm_packus_epi16(w, w));
+    }
+    const int tail = float_row_base(src + p, pixels - p, sc, zf, qf, dst + p);
+    return tail | (_mm256_movemask_ps(_mm256_cmp_ps(bad, zero, _CMP_NEQ_UQ)) != 0);
+}
+#endif
+
 static inline int64_t clamp_code(int64_t q, int qmax) { return q < 0 ? 0 : q > qmax ? qmax : q; }
 
 static void codes_row_base(const int32_t *src, int64_t pixels, int64_t m, int64_t o, int k,
@@ -128,6 +155,8 @@ stream_row_avx512(const int64_t *src, int64_t pixels, int64_t d, int64_t z, int 
 #else /* the baseline rows stand in for the AVX-512 ones, never chosen without KERNEL_X86 */
 #define fixed_row_avx512 fixed_row_base
 #define float_row_avx512 float_row_base
+#define float_row_avx2 float_row_base
+#define affine_row_avx2 affine_row_base
 #define codes_row_avx512 codes_row_base
 #define stream_row_avx512 stream_row_base
 #define affine_row_avx512 affine_row_base
@@ -135,6 +164,14 @@ stream_row_avx512(const int64_t *src, int64_t pixels, int64_t d, int64_t z, int 
 
 /* Whether the AVX-512 rows run: the shared dispatch's best path. */
 static int wide_rows(void) { return kernel_best_path() == KERNEL_PATH_AVX512; }
+
+/* The rows of float values for the best path: AVX-512, AVX2 or the baseline. */
+typedef int (*FloatRow)(const float *, int64_t, float, float, float, uint8_t *);
+static FloatRow float_row(void) {
+    const int path = kernel_best_path();
+    return path == KERNEL_PATH_AVX512 ? float_row_avx512
+           : path == KERNEL_PATH_AVX2 ? float_row_avx2 : float_row_base;
+}
 
 static inline int64_t with_half(int64_t o, int32_t k) {
     return o + (k > 0 ? (int64_t)1 << (k - 1) : 0);
@@ -146,6 +183,7 @@ enum { FROM_FLOAT = 0, FROM_SUMS = 1, FROM_STREAM = 2 };
 
 typedef struct {
     int kind, wide, qmax, relu;
+    FloatRow float_row;                 /* FROM_FLOAT: the row of the best path */
     const void *values;                 /* float32 / int32 / int64 [n][c][h][w] */
     const float *scale;                 /* FROM_FLOAT: [g] */
     const int64_t *mult, *offset;       /* FROM_SUMS: [g][c] */
@@ -160,8 +198,7 @@ static int source_span(const Source *s, const Geometry *geo, int64_t g, int64_t 
                        int64_t first, int64_t count, uint8_t *dst) {
     const int64_t base = (n * geo->cin + c) * geo->h * geo->w + first, z = s->zero[g];
     if (s->kind == FROM_FLOAT) {
-        return (s->wide ? float_row_avx512 : float_row_base)(
-            (const float *)s->values + base, count, s->scale[g], (float)z, (float)s->qmax, dst);
+        return s->float_row((const float *)s->values + base, count, s->scale[g], (float)z, (float)s->qmax, dst);
     } else if (s->kind == FROM_SUMS) {
         const int64_t i = g * geo->cin + c;
         (s->wide ? codes_row_avx512 : codes_row_base)(
@@ -262,7 +299,7 @@ int pack_codes(int kind, const void *values, int64_t n_img, int64_t c, int64_t h
     const int status = sad_init_geometry(&geo, n_img, c, h, w, 0, kh, kw, sh, sw, ph, pw);
     if (status != KERNEL_OK || kind < FROM_FLOAT || kind > FROM_STREAM || qmax < 1 || qmax > 255)
         return KERNEL_ERR_GEOMETRY;
-    const Source s = {kind, wide_rows(), qmax, relu, values, scale, mult, offset, shift,
+    const Source s = {kind, wide_rows(), qmax, relu, float_row(), values, scale, mult, offset, shift,
                       divisor, zero};
     return produce(&s, &geo, groups, out, threads);
 }
@@ -311,14 +348,22 @@ static void affine_row_avx512(const int32_t *restrict src, int64_t pixels, int32
                               float b, float *restrict dst) {
     AFFINE_ROW
 }
+
+__attribute__((optimize("fp-contract=off"), target("avx2,fma"))) static void
+affine_row_avx2(const int32_t *restrict src, int64_t pixels, int32_t e, float st, float b,
+                float *restrict dst) {
+    AFFINE_ROW
+}
 #endif
 
 void sums_to_float(const int32_t *in, int64_t n_img, int64_t channels, int64_t pixels,
                    const int32_t *excess, const float *step, const float *bias, float *out,
                    int threads) {
     if (threads <= 0) threads = omp_get_max_threads();
+    const int path = kernel_best_path();
     void (*row)(const int32_t *, int64_t, int32_t, float, float, float *) =
-        wide_rows() ? affine_row_avx512 : affine_row_base;
+        path == KERNEL_PATH_AVX512 ? affine_row_avx512
+        : path == KERNEL_PATH_AVX2 ? affine_row_avx2 : affine_row_base;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_img; n++) {
         for (int64_t c = 0; c < channels; c++) {
