@@ -61,6 +61,12 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {
         [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
          _PTR, _PTR, _PTR, _PTR, _INT],  # excess, step, bias, out, threads
     ),
+    "sums_to_bn": (
+        None,
+        [_PTR, _I64, _I64, _I64,  # in, n, channels, pixels
+         _PTR, _PTR, _PTR, _PTR, _PTR,  # excess, step, bias, alpha, beta
+         _PTR, _INT, _PTR, _INT],  # residual, relu, out, threads
+    ),
 }
 
 PATH_UNAVAILABLE, NO_MEMORY, BAD_GEOMETRY, NONFINITE = -1, -2, -3, -4

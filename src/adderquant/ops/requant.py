@@ -174,3 +174,35 @@ def sums_to_float(
     library().sums_to_float(sums.data_ptr(), n, c, math.prod(sums.shape[2:]),
                             *(p.data_ptr() for p in params), out.data_ptr(), _threads(threads))
     return out
+
+
+def output_from_sums(
+    sums: torch.Tensor, excess: torch.Tensor, step: torch.Tensor, bias: torch.Tensor,
+    alpha: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None = None,
+    relu: bool = False, threads: int | None = None,
+) -> torch.Tensor:
+    """float32 ``relu?(fma(y, alpha, beta) + residual)`` of ``y`` = :func:`sums_to_float`
+    of int32 ``sums`` (N, C, H, W), with per-channel float32 ``alpha`` and ``beta`` (C) of an
+    eval-mode BatchNorm (``fma``: one rounding, as PyTorch's BatchNorm inference) and an
+    optional float32 ``residual`` of the shape of ``sums``, in one pass."""
+    if sums.dtype != torch.int32 or sums.dim() < 2:
+        raise TypeError(f"output_from_sums: sums must be int32 (N, C, ...), got {sums.dtype} "
+                        f"{tuple(sums.shape)}")
+    n, c = sums.shape[:2]
+    params = [excess.to(torch.int32).contiguous()] + [
+        p.to(torch.float32).contiguous() for p in (step, bias, alpha, beta)]
+    if any(p.shape != (c,) for p in params):
+        raise ValueError(f"output_from_sums: the per-channel terms must have shape ({c},)")
+    if residual is not None:
+        if residual.shape != sums.shape or residual.dtype != torch.float32:
+            raise ValueError(f"output_from_sums: residual must be float32 of shape "
+                             f"{tuple(sums.shape)}, got {residual.dtype} "
+                             f"{tuple(residual.shape)}")
+        residual = residual.contiguous()
+    sums = sums.contiguous()
+    out = torch.empty(sums.shape, dtype=torch.float32)
+    library().sums_to_bn(sums.data_ptr(), n, c, math.prod(sums.shape[2:]),
+                         *(p.data_ptr() for p in params),
+                         residual.data_ptr() if residual is not None else None, int(relu),
+                         out.data_ptr(), _threads(threads))
+    return out

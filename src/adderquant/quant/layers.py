@@ -181,12 +181,14 @@ class QuantAdder2d(nn.Module):
             return False
         return self._sad_plan().zero_points_are_codes
 
-    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``−Δ·Σ|q_x − r·q_w|`` + biases: the input's codes on every grid in one pass, one
-        SAD kernel call per grid, and the int32 sums scaled to float32 in one pass; ``None``
-        when ``x`` holds NaN or infinite values, which have no code."""
+    def integer_sums(self, x: torch.Tensor) -> torch.Tensor | None:
+        """int32 ``Σ|q_x − r·q_w|`` of the clamped byte weights (N, C_out, H', W'): the input's
+        codes on every grid in one pass and one SAD kernel call per grid; ``None`` when ``x``
+        holds NaN or infinite values, which have no code. Only where
+        :meth:`integer_path_applies`; the output is ``(sums + excess)·step + biases`` (see
+        :meth:`output_terms`)."""
         from adderquant.ops._loader import NonFiniteInputError
-        from adderquant.ops.requant import codes_from_float, sums_to_float
+        from adderquant.ops.requant import codes_from_float
         from adderquant.ops.sad import sad_conv2d_packed
 
         plan = self._sad_plan()
@@ -201,7 +203,21 @@ class QuantAdder2d(nn.Module):
         for g, (weights, channels) in enumerate(zip(plan.weights, plan.channels, strict=True)):
             sad_conv2d_packed(packed[g], (c, h, w), weights, plan.geometry,
                               int(plan.zero_points[g]), out=sums, out_index=channels)
-        return sums_to_float(sums, plan.excess, plan.step, self.clamp_bias + self.bias)
+        return sums
+
+    def output_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per output channel, int32 ``excess``, float32 ``step`` and ``bias`` with which
+        :meth:`integer_sums` become the layer's output ``(sums + excess)·step + bias``."""
+        plan = self._sad_plan()
+        return plan.excess, plan.step, self.clamp_bias + self.bias
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``−Δ·Σ|q_x − r·q_w|`` + biases from :meth:`integer_sums`, scaled to float32 in one
+        pass; ``None`` for NaN or infinite inputs."""
+        from adderquant.ops.requant import sums_to_float
+
+        sums = self.integer_sums(x)
+        return None if sums is None else sums_to_float(sums, *self.output_terms())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_integer_path and self.integer_path_applies(x):

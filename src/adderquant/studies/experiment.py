@@ -21,6 +21,7 @@ from adderquant.data import TensorLoader, load_dataset
 from adderquant.quant.bn import model_device
 from adderquant.quant.calibrate import ActivationObserver
 from adderquant.quant.config import QuantConfig
+from adderquant.quant.fuse import fold_for_inference
 from adderquant.quant.ptq import CalibrationSet, collect_statistics, quantize_with_report
 from adderquant.quant.qat import qat as train_qat
 from adderquant.quant.qat_config import QATConfig
@@ -181,7 +182,8 @@ class Experiment:
         labels = torch.cat([y for _, y in self.test])
         if self._test_reference is None:
             self._test_reference = predictions(self.model, self.test)
-        predicted = self._test_reference if float_row else predictions(qmodel, self.test)
+        scored = qmodel if float_row else fold_for_inference(qmodel)  # the same outputs
+        predicted = self._test_reference if float_row else predictions(scored, self.test)
         row: dict[str, Any] = {
             "method": FULL_PRECISION if float_row else cfg.method,
             "bits": None if float_row else cfg.bits,
@@ -190,7 +192,7 @@ class Experiment:
         }
         if self.agreement_images:
             batches, reference = self.agreement_batches()
-            out = reference if float_row else logits(qmodel, batches)
+            out = reference if float_row else logits(scored, batches)
             row["agreement"] = 100.0 * float(
                 (out.argmax(dim=1) == reference.argmax(dim=1)).float().mean())
             row["kl"] = mean_kl(reference, out)

@@ -372,3 +372,46 @@ void sums_to_float(const int32_t *in, int64_t n_img, int64_t channels, int64_t p
         }
     }
 }
+
+/* Float outputs of SAD sums through an eval-mode BatchNorm, a residual and a ReLU, in one pass:
+ * y = (float)(s + excess[c]) * step[c] + bias[c] (rounded as in sums_to_float), then
+ * fmaf(y, alpha[c], beta[c]) as PyTorch's BatchNorm inference computes it, then + residual
+ * (float32, may be NULL), then max(., 0) if relu (NaN stays NaN, as torch.relu). */
+#define BN_ROW                                                                              \
+    for (int64_t p = 0; p < pixels; p++) {                                                  \
+        float v = fmaf((float)(src[p] + e) * st + b, al, be);                               \
+        if (res) v = v + res[p];                                                            \
+        dst[p] = relu && v < 0.0f ? 0.0f : v;                                               \
+    }
+
+__attribute__((optimize("fp-contract=off"))) static void
+bn_row_base(const int32_t *restrict src, int64_t pixels, int32_t e, float st, float b, float al,
+            float be, const float *restrict res, int relu, float *restrict dst) {
+    BN_ROW
+}
+
+#if KERNEL_X86
+__attribute__((optimize("fp-contract=off"), target("avx2,fma"))) static void
+bn_row_avx2(const int32_t *restrict src, int64_t pixels, int32_t e, float st, float b, float al,
+            float be, const float *restrict res, int relu, float *restrict dst) {
+    BN_ROW
+}
+#else
+#define bn_row_avx2 bn_row_base
+#endif
+
+void sums_to_bn(const int32_t *in, int64_t n_img, int64_t channels, int64_t pixels,
+                const int32_t *excess, const float *step, const float *bias, const float *alpha,
+                const float *beta, const float *residual, int relu, float *out, int threads) {
+    if (threads <= 0) threads = omp_get_max_threads();
+    void (*row)(const int32_t *, int64_t, int32_t, float, float, float, float, const float *,
+                int, float *) = kernel_best_path() >= KERNEL_PATH_AVX2 ? bn_row_avx2 : bn_row_base;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_img; n++) {
+        for (int64_t c = 0; c < channels; c++) {
+            const int64_t base = (n * channels + c) * pixels;
+            row(in + base, pixels, excess[c], step[c], bias[c], alpha[c], beta[c],
+                residual ? residual + base : NULL, relu, out + base);
+        }
+    }
+}
