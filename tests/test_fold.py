@@ -9,7 +9,12 @@ from adderquant.data import TensorLoader
 from adderquant.ops.requant import output_from_sums, sums_to_float
 from adderquant.quant import AdderQuantConfig, PaperConfig, quantize
 from adderquant.quant.config import FAITHFUL
-from adderquant.quant.fuse import FoldedBasicBlock, batch_norm_rounding, fold_for_inference
+from adderquant.quant.fuse import (
+    FoldedBasicBlock,
+    batch_norm_rounding,
+    batch_norm_terms,
+    fold_for_inference,
+)
 from adderquant.quant.layers import QuantAdder2d
 
 
@@ -28,8 +33,6 @@ def test_output_from_sums_matches_the_unfused_operations():
     bn.weight.data.normal_(generator=g)
     bn.bias.data.normal_(generator=g)
     residual = torch.randn(sums.shape, generator=g)
-    from adderquant.quant.fuse import batch_norm_terms
-
     alpha, beta = batch_norm_terms(bn)
     with torch.no_grad():
         y = bn(sums_to_float(sums, excess, step, bias))
