@@ -188,6 +188,41 @@ def test_adaround_rounds_each_weight_down_or_up_and_lowers_the_output_error():
     assert output_mse(nearest) == pytest.approx(errors["output_mse_nearest"], rel=1e-3)
 
 
+def test_frozen_weight_is_the_fake_quantized_weight():
+    gen = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.relu(torch.randn(2, 3, 5, 5, generator=gen))
+    layer = QuantConv2d(conv, 4, weight_fake_quant(conv.weight, 4),
+                        activation_fake_quant(float(x.max()), 4))
+    before = layer(x)
+    layer.freeze()
+    assert torch.equal(layer(x), before)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    assert torch.equal(layer(x), before)  # frozen until frozen again
+    layer.freeze()
+    expected = F.conv2d(layer.act_quant(x), layer.weight_quant(layer.weight), layer.bias,
+                        1, 1)
+    assert torch.equal(layer(x), expected)
+
+
+def test_shared_thresholds_change_no_model():
+    folded = fold_batchnorm(tiny_model(4))
+    cfg = CNNPTQConfig(keep_images=16)
+    observers = calibrate_cnn(folded, batches(3), cfg)
+    x = torch.randn(8, 1, 4, 4)
+    cache: dict[tuple, float] = {}
+    for method in ("minmax", "percentile", "mse", "mse-bc"):
+        for bits in (6, 3):
+            alone, reports = quantize_cnn(folded, observers, method, bits, cfg)
+            shared, shared_reports = quantize_cnn(folded, observers, method, bits, cfg, cache)
+            assert torch.equal(alone(x), shared(x))
+            assert reports == shared_reports
+    # max and percentile once per layer, mse once per layer and width
+    assert sorted(k[1:] for k in cache) == [("max", None), ("mse", 3), ("mse", 6),
+                                            ("percentile", None)]
+
+
 def test_calibration_refuses_negative_inputs():
     class Signed(nn.Module):
         def __init__(self) -> None:

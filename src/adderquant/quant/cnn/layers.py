@@ -136,9 +136,18 @@ class QuantConv2d(nn.Module):
         self.register_buffer("bias", bias.float().clone())
         self.weight_quant = weight_quant
         self.act_quant = act_quant
+        self.register_buffer("_frozen", None, persistent=False)
+
+    def freeze(self) -> None:
+        """Compute ``Q_w(W)`` once and use it in every later forward; call again after
+        changing ``weight``."""
+        self._frozen = None
+        self._frozen = self.quantized_weight().detach()
 
     def quantized_weight(self) -> torch.Tensor:
-        """``Q_w(W)``: the weight on its grid (float32)."""
+        """``Q_w(W)``: the weight on its grid (float32); the frozen copy after :meth:`freeze`."""
+        if self._frozen is not None:
+            return self._frozen
         return self.weight_quant(self.weight)
 
     def weight_codes(self) -> torch.Tensor:

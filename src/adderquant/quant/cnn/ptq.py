@@ -134,8 +134,15 @@ def calibrate_cnn(
 
 
 def activation_threshold(observer: ActivationObserver, clip: str, bits: int,
-                         cfg: CNNPTQConfig) -> float:
-    """``A`` of the input grid ``[0, A]`` under ``clip``."""
+                         cfg: CNNPTQConfig, cache: dict[tuple, float] | None = None) -> float:
+    """``A`` of the input grid ``[0, A]`` under ``clip``; with ``cache``, each threshold is
+    computed once per observer and clip (and width, for ``mse``, the only clip that depends on
+    it) and reused."""
+    if cache is not None:
+        key = (id(observer), clip, bits if clip == "mse" else None)
+        if key not in cache:
+            cache[key] = activation_threshold(observer, clip, bits, cfg)
+        return cache[key]
     if clip == "max":
         value = observer.max
     elif clip == "percentile":
@@ -261,9 +268,11 @@ def quantize_cnn(
     method: str,
     bits: int,
     cfg: CNNPTQConfig,
+    thresholds: dict[tuple, float] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A copy of the BatchNorm-folded ``folded`` with every quantizable convolution replaced
-    by a :class:`QuantConv2d` quantized by ``method`` at ``bits``, and per-layer reports."""
+    by a :class:`QuantConv2d` quantized by ``method`` at ``bits``, and per-layer reports.
+    ``thresholds``: a cache of input thresholds shared by calls on the same ``observers``."""
     check_bits(bits)
     spec = cnn_method(method)
     qmodel = copy.deepcopy(folded).eval()
@@ -272,7 +281,7 @@ def quantize_cnn(
         obs = observers.get(name)
         if obs is None:
             raise ValueError(f"no calibration statistics for the convolution {name!r}")
-        threshold = activation_threshold(obs, spec.act_clip, bits, cfg)
+        threshold = activation_threshold(obs, spec.act_clip, bits, cfg, thresholds)
         wq = weight_fake_quant(conv.weight, bits, spec.weights, spec.weight_clip)
         quant = QuantConv2d(conv, bits, wq, activation_fake_quant(threshold, bits))
         report: dict[str, Any] = {"layer": name, "bits": bits, "A": threshold,
@@ -289,6 +298,7 @@ def quantize_cnn(
             delta = output_bias(conv.weight.detach(), quant, obs.kept_inputs)
             quant.bias += delta.float()
             report["bias_correction_mean_abs"] = float(delta.abs().mean())
+        quant.freeze()
         replace_module(qmodel, name, quant)
         reports.append(report)
     return qmodel, reports
