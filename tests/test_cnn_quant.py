@@ -26,7 +26,12 @@ from adderquant.quant.cnn.layers import (
     mse_weight_scale,
     weight_fake_quant,
 )
-from adderquant.quant.cnn.ptq import adaround, input_moments
+from adderquant.quant.cnn.ptq import (
+    adaround,
+    adaround_gradient,
+    input_moments,
+    rectified_sigmoid,
+)
 from adderquant.studies.comparison import Renormalize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -188,6 +193,32 @@ def test_adaround_rounds_each_weight_down_or_up_and_lowers_the_output_error():
     assert output_mse(nearest) == pytest.approx(errors["output_mse_nearest"], rel=1e-3)
 
 
+@pytest.mark.parametrize("beta", [None, 20.0, 2.0])
+def test_adaround_gradient_matches_autograd(beta):
+    gen = torch.Generator().manual_seed(7)
+    bits, lo, hi = 3, -4, 3
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 0.3
+    s = torch.rand(5, 1, generator=gen, dtype=torch.float64) * 0.05 + 0.05
+    a = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    qq = a.T @ a / 40
+    cross = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    floor = torch.floor(w / s)
+    floor[0, :3] = torch.tensor([hi, lo - 1, hi + 1.0])  # clamped at and beyond the grid
+    v = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 3
+    v[1, :2] = torch.tensor([-40.0, 40.0])  # h saturated at 0 and 1
+    reg = 0.05
+    leaf = v.clone().requires_grad_(True)
+    h = rectified_sigmoid(leaf)
+    w_hat = s * torch.clamp(floor + h, lo, hi)
+    loss = ((w_hat @ qq) * w_hat).sum() - 2 * (w_hat * cross).sum()
+    if beta is not None:
+        loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+    loss.backward()
+    grad = adaround_gradient(v, floor, s, bits, qq, cross, reg, beta)
+    assert torch.allclose(grad, leaf.grad, rtol=1e-10, atol=1e-12)
+    assert grad[1, :2].abs().max() == 0
+
+
 def test_frozen_weight_is_the_fake_quantized_weight():
     gen = torch.Generator().manual_seed(2)
     conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -212,15 +243,15 @@ def test_shared_thresholds_change_no_model():
     observers = calibrate_cnn(folded, batches(3), cfg)
     x = torch.randn(8, 1, 4, 4)
     cache: dict[tuple, float] = {}
-    for method in ("minmax", "percentile", "mse", "mse-bc"):
+    for method in ("minmax", "percentile", "mse", "mse-bc", "adaround"):
         for bits in (6, 3):
             alone, reports = quantize_cnn(folded, observers, method, bits, cfg)
             shared, shared_reports = quantize_cnn(folded, observers, method, bits, cfg, cache)
             assert torch.equal(alone(x), shared(x))
             assert reports == shared_reports
-    # max and percentile once per layer, mse once per layer and width
-    assert sorted(k[1:] for k in cache) == [("max", None), ("mse", 3), ("mse", 6),
-                                            ("percentile", None)]
+    # max and percentile once per layer, mse once per layer and width, patches once per layer
+    assert sorted(map(str, (k[1:] for k in cache))) == [
+        "('max', None)", "('mse', 3)", "('mse', 6)", "('patches',)", "('percentile', None)"]
 
 
 def test_calibration_refuses_negative_inputs():
