@@ -237,6 +237,18 @@ def test_frozen_weight_is_the_fake_quantized_weight():
     assert torch.equal(layer(x), expected)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantized_input_is_torch_fake_quantize(bits):
+    gen = torch.Generator().manual_seed(bits)
+    threshold = 1.7
+    fq = activation_fake_quant(threshold, bits)
+    layer = QuantConv2d(nn.Conv2d(3, 2, 1), bits, weight_fake_quant(torch.randn(2, 3, 1, 1),
+                                                                   bits), fq)
+    x = torch.rand(4, 3, 9, 9, generator=gen) * 2.5 - 0.2  # beyond both ends of [0, A]
+    x[0, 0, 0, :5] = (torch.arange(5) + 0.5) * float(fq.scale)  # ties
+    assert torch.equal(layer.quantized_input(x), fq(x))
+
+
 def test_shared_thresholds_change_no_model():
     folded = fold_batchnorm(tiny_model(4))
     cfg = CNNPTQConfig(keep_images=16)
