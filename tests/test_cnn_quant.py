@@ -26,7 +26,12 @@ from adderquant.quant.cnn.layers import (
     mse_weight_scale,
     weight_fake_quant,
 )
-from adderquant.quant.cnn.ptq import adaround, input_moments
+from adderquant.quant.cnn.ptq import (
+    adaround,
+    adaround_gradient,
+    input_moments,
+    rectified_sigmoid,
+)
 from adderquant.studies.comparison import Renormalize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -186,6 +191,79 @@ def test_adaround_rounds_each_weight_down_or_up_and_lowers_the_output_error():
     nearest = torch.clamp(torch.round(w / s), -4, 3) * s
     assert output_mse(rounded) == pytest.approx(errors["output_mse_learned"], rel=1e-3)
     assert output_mse(nearest) == pytest.approx(errors["output_mse_nearest"], rel=1e-3)
+
+
+@pytest.mark.parametrize("beta", [None, 20.0, 2.0])
+def test_adaround_gradient_matches_autograd(beta):
+    gen = torch.Generator().manual_seed(7)
+    bits, lo, hi = 3, -4, 3
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 0.3
+    s = torch.rand(5, 1, generator=gen, dtype=torch.float64) * 0.05 + 0.05
+    a = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    qq = a.T @ a / 40
+    cross = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    floor = torch.floor(w / s)
+    floor[0, :3] = torch.tensor([hi, lo - 1, hi + 1.0])  # clamped at and beyond the grid
+    v = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 3
+    v[1, :2] = torch.tensor([-40.0, 40.0])  # h saturated at 0 and 1
+    reg = 0.05
+    leaf = v.clone().requires_grad_(True)
+    h = rectified_sigmoid(leaf)
+    w_hat = s * torch.clamp(floor + h, lo, hi)
+    loss = ((w_hat @ qq) * w_hat).sum() - 2 * (w_hat * cross).sum()
+    if beta is not None:
+        loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+    loss.backward()
+    grad = adaround_gradient(v, floor, s, bits, qq, cross, reg, beta)
+    assert torch.allclose(grad, leaf.grad, rtol=1e-10, atol=1e-12)
+    assert grad[1, :2].abs().max() == 0
+
+
+def test_frozen_weight_is_the_fake_quantized_weight():
+    gen = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.relu(torch.randn(2, 3, 5, 5, generator=gen))
+    layer = QuantConv2d(conv, 4, weight_fake_quant(conv.weight, 4),
+                        activation_fake_quant(float(x.max()), 4))
+    before = layer(x)
+    layer.freeze()
+    assert torch.equal(layer(x), before)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    assert torch.equal(layer(x), before)  # frozen until frozen again
+    layer.freeze()
+    expected = F.conv2d(layer.act_quant(x), layer.weight_quant(layer.weight), layer.bias,
+                        1, 1)
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantized_input_is_torch_fake_quantize(bits):
+    gen = torch.Generator().manual_seed(bits)
+    threshold = 1.7
+    fq = activation_fake_quant(threshold, bits)
+    layer = QuantConv2d(nn.Conv2d(3, 2, 1), bits, weight_fake_quant(torch.randn(2, 3, 1, 1),
+                                                                   bits), fq)
+    x = torch.rand(4, 3, 9, 9, generator=gen) * 2.5 - 0.2  # beyond both ends of [0, A]
+    x[0, 0, 0, :5] = (torch.arange(5) + 0.5) * float(fq.scale)  # ties
+    assert torch.equal(layer.quantized_input(x), fq(x))
+
+
+def test_shared_thresholds_change_no_model():
+    folded = fold_batchnorm(tiny_model(4))
+    cfg = CNNPTQConfig(keep_images=16)
+    observers = calibrate_cnn(folded, batches(3), cfg)
+    x = torch.randn(8, 1, 4, 4)
+    cache: dict[tuple, float] = {}
+    for method in ("minmax", "percentile", "mse", "mse-bc", "adaround"):
+        for bits in (6, 3):
+            alone, reports = quantize_cnn(folded, observers, method, bits, cfg)
+            shared, shared_reports = quantize_cnn(folded, observers, method, bits, cfg, cache)
+            assert torch.equal(alone(x), shared(x))
+            assert reports == shared_reports
+    # max and percentile once per layer, mse once per layer and width, patches once per layer
+    assert sorted(map(str, (k[1:] for k in cache))) == [
+        "('max', None)", "('mse', 3)", "('mse', 6)", "('patches',)", "('percentile', None)"]
 
 
 def test_calibration_refuses_negative_inputs():

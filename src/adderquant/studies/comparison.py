@@ -118,10 +118,11 @@ def cnn_rows(
     folded = fold_batchnorm(exp.model)
     observers = calibrate_cnn(
         folded, exp.calibration_set(calibration).batches(cfg.calib_batches), cfg, progress)
+    cache: dict[tuple, Any] = {}  # what the methods share across widths
     for method in methods:
         for b in bits:
             start = time.perf_counter()
-            qmodel, _ = quantize_cnn(folded, observers, method, b, cfg)
+            qmodel, _ = quantize_cnn(folded, observers, method, b, cfg, cache)
             rows.append(_row(CNN, method, b, scorer.score(qmodel),
                              energy_fields(qmodel, input_shape, table), start))
     return rows

@@ -134,8 +134,15 @@ def calibrate_cnn(
 
 
 def activation_threshold(observer: ActivationObserver, clip: str, bits: int,
-                         cfg: CNNPTQConfig) -> float:
-    """``A`` of the input grid ``[0, A]`` under ``clip``."""
+                         cfg: CNNPTQConfig, cache: dict[tuple, Any] | None = None) -> float:
+    """``A`` of the input grid ``[0, A]`` under ``clip``; with ``cache``, each threshold is
+    computed once per observer and clip (and width, for ``mse``, the only clip that depends on
+    it) and reused."""
+    if cache is not None:
+        key = (id(observer), clip, bits if clip == "mse" else None)
+        if key not in cache:
+            cache[key] = activation_threshold(observer, clip, bits, cfg)
+        return cache[key]
     if clip == "max":
         value = observer.max
     elif clip == "percentile":
@@ -148,30 +155,40 @@ def activation_threshold(observer: ActivationObserver, clip: str, bits: int,
 
 
 @torch.no_grad()
-def input_moments(
+def input_patches(
     conv: QuantConv2d, inputs: torch.Tensor, positions: int | None = None, seed: int = 0,
     chunk: int = 16,
-) -> dict[str, torch.Tensor]:
-    """Second moments of the unfolded float inputs ``x`` and quantized inputs ``Q(x)`` over the
-    output positions of ``inputs`` (about ``positions`` of them drawn at random, or all):
-    ``qq = E[Q(x)Q(x)ᵀ]``, ``qx = E[Q(x)xᵀ]``, ``xx = E[xxᵀ]`` (K × K, float64)."""
+) -> torch.Tensor:
+    """The unfolded float inputs of ``conv`` (N × K) at about ``positions`` output positions of
+    ``inputs`` drawn at random (or all of them)."""
     k = conv.in_channels * math.prod(conv.kernel_size)
-    sums = {key: torch.zeros(k, k, dtype=torch.float64) for key in ("qq", "qx", "xx")}
     generator = torch.Generator().manual_seed(seed)
     total = len(inputs) * conv_positions(conv, inputs.shape[-2:])
     share = 1.0 if positions is None else min(1.0, positions / total)
-    count = 0
+    parts = []
     for x in inputs.split(chunk):
-        fx, fq = [F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-                  .transpose(1, 2).reshape(-1, k) for t in (x, conv.act_quant(x))]
+        fx = (F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+              .transpose(1, 2).reshape(-1, k))
         if share < 1.0:
-            keep = torch.randperm(len(fx), generator=generator)[: max(1, round(share * len(fx)))]
-            fx, fq = fx[keep], fq[keep]
-        sums["qq"] += (fq.T @ fq).double()
-        sums["qx"] += (fq.T @ fx).double()
-        sums["xx"] += (fx.T @ fx).double()
-        count += fx.shape[0]
-    return {key: value / count for key, value in sums.items()}
+            fx = fx[torch.randperm(len(fx), generator=generator)[: max(1, round(share * len(fx)))]]
+        parts.append(fx)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def input_moments(
+    conv: QuantConv2d, inputs: torch.Tensor, positions: int | None = None, seed: int = 0,
+    patches: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Second moments of the unfolded float inputs ``x`` and quantized inputs ``Q(x)`` over the
+    output positions of ``inputs`` (about ``positions`` of them drawn at random, or all):
+    ``qq = E[Q(x)Q(x)ᵀ]``, ``qx = E[Q(x)xᵀ]``, ``xx = E[xxᵀ]`` (K × K, float64). ``patches``:
+    the :func:`input_patches` of the same arguments, if already computed (``Q`` acts
+    elementwise and keeps the zero padding zero, so it commutes with unfolding)."""
+    fx = input_patches(conv, inputs, positions, seed) if patches is None else patches
+    fq = conv.act_quant(fx)
+    return {key: (a.T @ c).double() / len(fx)
+            for key, a, c in (("qq", fq, fq), ("qx", fq, fx), ("xx", fx, fx))}
 
 
 def conv_positions(conv: QuantConv2d, size: torch.Size) -> int:
@@ -211,6 +228,35 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretches σ(v) to [γ, ζ]
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def adaround_gradient(
+    v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, bits: int, qq: torch.Tensor,
+    cross: torch.Tensor, reg: float, beta: float | None,
+) -> torch.Tensor:
+    """The gradient in ``v`` of AdaRound's loss, in closed form: the output error
+    ``Σ_t ŵ_t·qq·ŵ_t − 2 ŵ_t·cross_t`` of ``ŵ = scale·clamp(floor + h(v), q_min, q_max)``
+    (``qq`` symmetric) plus ``reg·Σ (1 − |2h − 1|^β)`` (no regulariser when ``beta`` is
+    ``None``). Clamps pass the gradient on their closed range, as autograd's do."""
+    lo, hi = signed_range(bits)
+    sig = torch.sigmoid(v)
+    pre = sig * (ZETA - GAMMA) + GAMMA
+    h = pre.clamp(0, 1)
+    u = floor + h
+    w_hat = scale * u.clamp(lo, hi)
+    grad_h = (2 * (w_hat @ qq - cross)) * scale * ((u >= lo) & (u <= hi))
+    if beta is not None and reg:
+        c = 2 * h - 1
+        grad_h -= (2 * reg * beta) * c.abs().pow(beta - 1) * c.sign()
+    return grad_h * ((pre >= 0) & (pre <= 1)) * ((ZETA - GAMMA) * sig * (1 - sig))
+
+
 def adaround(
     weight: torch.Tensor, scale: torch.Tensor, bits: int, moments: dict[str, torch.Tensor],
     cfg: CNNPTQConfig,
@@ -218,14 +264,14 @@ def adaround(
     """Learned rounding of ``weight`` (C_out × K) on the grid of step ``scale`` (C_out × 1 or
     1 × 1): each weight rounds down or up, chosen by minimising
     ``Σ_t E[(ŵ_t·Q(x) − w_t·x)²] + λ·Σ (1 − |2h(V) − 1|^β)`` (AdaRound: rectified sigmoid
-    ``h``, ``β`` annealed from 20 to 2 after the warm-up). Returns the rounded weight (on the
-    grid) and the mean output MSE per channel of nearest and of learned rounding."""
+    ``h``, ``β`` annealed from 20 to 2 after the warm-up) with Adam on the closed-form
+    gradient (:func:`adaround_gradient`). Returns the rounded weight (on the grid) and the
+    mean output MSE per channel of nearest and of learned rounding."""
     qq, qx, xx = moments["qq"], moments["qx"], moments["xx"]
     lo, hi = signed_range(bits)
-    zeta, gamma = 1.1, -0.1
     w = weight.float()
     s = scale.float()
-    qq32, b = qq.float(), (w @ qx.float().T)  # E[Q(x)xᵀ]: cross term Σ ŵ_t·(qx w_t)
+    qq32, b = ((qq + qq.T) / 2).float(), (w @ qx.float().T)  # cross term Σ ŵ_t·(qx w_t)
 
     def error(w_hat: torch.Tensor) -> torch.Tensor:
         """Σ_t E[(ŵ_t·Q(x) − w_t·x)²] without the constant E[(w_t·x)²]."""
@@ -233,24 +279,20 @@ def adaround(
 
     floor = torch.floor(w / s)
     rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
-    v = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
+    v = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
     nearest = s * torch.clamp(torch.round(w / s), lo, hi)
     optimizer = torch.optim.Adam([v], lr=cfg.adaround_lr)
     warmup = int(cfg.adaround_warmup * cfg.adaround_iters)
-    with torch.enable_grad(), single_thread():
+    with torch.no_grad(), single_thread():
         for it in range(cfg.adaround_iters):
-            h = torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0, 1)
-            loss = error(s * torch.clamp(floor + h, lo, hi))
+            beta = None
             if it >= warmup and cfg.adaround_reg:
                 progress = (it - warmup) / max(1, cfg.adaround_iters - warmup)
                 beta = 2 + 18 * (1 + math.cos(math.pi * progress)) / 2  # 20 → 2
-                loss = loss + cfg.adaround_reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            v.grad = adaround_gradient(v, floor, s, bits, qq32, b, cfg.adaround_reg, beta)
             optimizer.step()
-    rounded = s * torch.clamp(floor + (v.detach() >= 0).float(), lo, hi)
-    constant = float(((w.double() @ xx) * w.double()).sum())
-    with torch.no_grad():
+        rounded = s * torch.clamp(floor + (v >= 0).float(), lo, hi)
+        constant = float(((w.double() @ xx) * w.double()).sum())
         return rounded, {"output_mse_nearest": (float(error(nearest)) + constant) / len(w),
                          "output_mse_learned": (float(error(rounded)) + constant) / len(w)}
 
@@ -261,10 +303,14 @@ def quantize_cnn(
     method: str,
     bits: int,
     cfg: CNNPTQConfig,
+    cache: dict[tuple, Any] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A copy of the BatchNorm-folded ``folded`` with every quantizable convolution replaced
-    by a :class:`QuantConv2d` quantized by ``method`` at ``bits``, and per-layer reports."""
+    by a :class:`QuantConv2d` quantized by ``method`` at ``bits``, and per-layer reports.
+    ``cache``: input thresholds and learned rounding's input patches, shared by calls on the
+    same ``observers`` and ``cfg``."""
     check_bits(bits)
+    cache = {} if cache is None else cache
     spec = cnn_method(method)
     qmodel = copy.deepcopy(folded).eval()
     reports = []
@@ -272,7 +318,7 @@ def quantize_cnn(
         obs = observers.get(name)
         if obs is None:
             raise ValueError(f"no calibration statistics for the convolution {name!r}")
-        threshold = activation_threshold(obs, spec.act_clip, bits, cfg)
+        threshold = activation_threshold(obs, spec.act_clip, bits, cfg, cache)
         wq = weight_fake_quant(conv.weight, bits, spec.weights, spec.weight_clip)
         quant = QuantConv2d(conv, bits, wq, activation_fake_quant(threshold, bits))
         report: dict[str, Any] = {"layer": name, "bits": bits, "A": threshold,
@@ -281,7 +327,11 @@ def quantize_cnn(
         if spec.adaround:
             w = quant.weight.detach().flatten(1)
             scale = wq.scale.view(-1, 1) if wq.scale.numel() > 1 else wq.scale.view(1, 1)
-            moments = input_moments(quant, obs.kept_inputs, cfg.adaround_positions, cfg.seed)
+            key = (id(obs), "patches")
+            if key not in cache:
+                cache[key] = input_patches(quant, obs.kept_inputs, cfg.adaround_positions,
+                                           cfg.seed)
+            moments = input_moments(quant, obs.kept_inputs, patches=cache[key])
             rounded, errors = adaround(w, scale, bits, moments, cfg)
             quant.weight.data.copy_(rounded.view_as(quant.weight))
             report.update(errors)
@@ -289,6 +339,7 @@ def quantize_cnn(
             delta = output_bias(conv.weight.detach(), quant, obs.kept_inputs)
             quant.bias += delta.float()
             report["bias_correction_mean_abs"] = float(delta.abs().mean())
+        quant.freeze()
         replace_module(qmodel, name, quant)
         reports.append(report)
     return qmodel, reports
