@@ -30,7 +30,6 @@ from adderquant.quant.cnn.ptq import (
     adaround,
     adaround_gradient,
     input_moments,
-    rectified_sigmoid,
 )
 from adderquant.studies.comparison import Renormalize
 
@@ -208,7 +207,7 @@ def test_adaround_gradient_matches_autograd(beta):
     v[1, :2] = torch.tensor([-40.0, 40.0])  # h saturated at 0 and 1
     reg = 0.05
     leaf = v.clone().requires_grad_(True)
-    h = rectified_sigmoid(leaf)
+    h = torch.clamp(torch.sigmoid(leaf) * 1.2 - 0.1, 0, 1)  # AdaRound's h, ζ = 1.1, γ = -0.1
     w_hat = s * torch.clamp(floor + h, lo, hi)
     loss = ((w_hat @ qq) * w_hat).sum() - 2 * (w_hat * cross).sum()
     if beta is not None:

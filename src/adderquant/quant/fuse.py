@@ -21,7 +21,7 @@ from torch import nn
 
 from adderquant.models.resnet_cifar import BasicBlock
 from adderquant.ops.requant import output_from_sums, sums_to_float
-from adderquant.quant.layers import QuantAdder2d
+from adderquant.quant.layers import QuantAdder2d, replace_module
 
 
 def batch_norm_terms(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,5 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     for name, module in list(folded.named_modules()):
         if _foldable(module):
-            parent_name, _, child = name.rpartition(".")
-            parent = folded.get_submodule(parent_name) if parent_name else folded
-            setattr(parent, child, FoldedBasicBlock(module))
+            replace_module(folded, name, FoldedBasicBlock(module))
     return folded.eval()

@@ -231,11 +231,6 @@ def single_thread() -> Iterator[None]:
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretches σ(v) to [γ, ζ]
 
 
-def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    """AdaRound's ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)``."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-
 def adaround_gradient(
     v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, bits: int, qq: torch.Tensor,
     cross: torch.Tensor, reg: float, beta: float | None,
