@@ -3,7 +3,8 @@ float convolutional ResNet-20 (``F.conv2d``) and the float adder ResNet-20.
 
 All three run in this one process on the same test images (each normalised as its model was
 trained), the same batch size and the same threads; each time is the fastest of ``--reps``
-passes over the images. ``--json`` prints one object with ``images_per_s`` of every model and
+passes over the images, the passes of the three models interleaved (a change in the machine's
+load falls on all three). ``--json`` prints one object with ``images_per_s`` of every model and
 the throughput ratios ``int_vs_cnn_fp32`` and ``int_vs_adder_fp32`` (> 1: the integer engine is
 faster). Needs the released checkpoints and CIFAR-10 (``../shared`` or the download cache).
 """
@@ -22,7 +23,7 @@ from adderquant.models import create_model, load_pretrained, model_record
 from adderquant.quant import quantize
 from adderquant.quant.ptq import CalibrationSet
 from adderquant.quant.registry import get_method
-from passes import fastest_pass
+from passes import fastest_passes
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, help="bit width of the adder model")
     parser.add_argument("--method", default="paper", choices=("paper", "adderquant"),
                         help="quantization method of the adder model (default: %(default)s)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -49,11 +50,8 @@ def main() -> None:
     qmodel = quantize(adder, cfg, CalibrationSet.from_config(cfg))
     engine = IntegerEngine(lower(qmodel, "resnet20", "cifar10"), threads=args.threads)
 
-    runs = {
-        "int_adder": fastest_pass(engine, list(adder_x), args.reps),
-        "cnn_fp32": fastest_pass(cnn, list(cnn_x), args.reps),
-        "adder_fp32": fastest_pass(adder, list(adder_x), args.reps),
-    }
+    runs = fastest_passes({"int_adder": (engine, list(adder_x)), "cnn_fp32": (cnn, list(cnn_x)),
+                           "adder_fp32": (adder, list(adder_x))}, args.reps)
     n = len(labels)
     ips = {k: n / t for k, (t, _) in runs.items()}
     top1 = {k: 100.0 * float((p == labels).float().mean()) for k, (_, p) in runs.items()}

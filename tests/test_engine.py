@@ -149,6 +149,68 @@ def test_codes_from_stream_divide_exactly(geometry):
     assert torch.equal(got, packed_reference(want, zero, geometry))
 
 
+def _fixed_reference(s: np.ndarray, mult: int, off: int, k: int) -> np.ndarray:
+    """``(M·s + O + 2^(k−1)) >> k`` in Python integers (no overflow, floor shift)."""
+    return (mult * s.astype(object) + off + (1 << k >> 1)) >> k
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_integer_producers_on_long_rows(relu):
+    """Rows long enough for the vector paths (and a tail): codes of sums across the whole code
+    range, stream values at and around every half, and values beyond 2^51 that the vector
+    path hands to the exact baseline; the stream requantization with and without a residual."""
+    rng = np.random.default_rng(7)
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1))
+    c, g, input_bits, shape = 5, 2, 21, (2, 5, 3, 37)
+    # codes of sums: m spreads the sums over about twice the code range, both signs
+    m = rng.uniform(-1, 1, (g, c)) * 31 / 2**20
+    o = rng.normal(0, 8, (g, c))
+    mult, off, shift = fixed_point(m, o, input_bits)
+    values = rng.integers(-2**20, 2**20, shape).astype(np.int32)
+    values[0, 0, 0, :4] = [2**21 - 1, -(2**21 - 1), 0, -1]
+    zero = torch.tensor([0, 9], dtype=torch.int32)
+    got = codes_from_sums(torch.from_numpy(values), *(torch.from_numpy(a) for a in
+                          (mult, off, shift)), zero, 5, relu, geometry)
+    want = np.zeros((g, *shape), np.uint8)
+    for gi in range(g):
+        for ci in range(c):
+            u = _fixed_reference(values[:, ci], int(mult[gi, ci]), int(off[gi, ci]),
+                                 int(shift[gi, ci]))
+            u = np.maximum(u, 0) if relu else u
+            want[gi, :, ci] = np.clip(u + int(zero[gi]), 0, 31)
+    inside = (want > 0) & (want < 31)
+    assert 0.2 < inside.mean() and (want == 0).any() and (want == 31).any()
+    assert torch.equal(got, packed_reference(want, zero, geometry))
+
+    # stream requantization, residual or not
+    mult1, off1, shift1 = fixed_point(rng.normal(0, 1e6, c), rng.normal(0, 1e9, c), input_bits)
+    res = rng.integers(-2**40, 2**40, shape)
+    for residual in (None, torch.from_numpy(res)):
+        fixed = requant_fixed(torch.from_numpy(values), *(torch.from_numpy(a) for a in
+                              (mult1, off1, shift1)), residual, relu=relu).numpy()
+        for ci in range(c):
+            u = _fixed_reference(values[:, ci], int(mult1[ci]), int(off1[ci]), int(shift1[ci]))
+            if residual is not None:
+                u = u + res[:, ci].astype(object)
+            u = np.maximum(u, 0) if relu else u
+            np.testing.assert_array_equal(fixed[:, ci].astype(object), u)
+
+    # codes of stream values: quotients across the code range, halves, huge values
+    divisor = torch.tensor([1, 3, 1_000_003, 2**40 + 5], dtype=torch.int64)
+    zero4 = torch.tensor([0, 100, 7, 255], dtype=torch.int32)
+    for d, z in zip(divisor.tolist(), zero4.tolist(), strict=True):
+        q = rng.integers(-300, 300, shape)
+        nudge = rng.choice([0, d // 2, -(d // 2), d // 2 + 1, -(d // 2) - 1, d - 1], shape)
+        x = q * d + nudge
+        x[1, 1, 1, :8] = [2**51, -(2**51), 2**60, -(2**60), 2**50, -(2**50), 3, -3]
+        x[1, 2, 2, 30:] = [2**51 - 1, -(2**51) + 1, 2**52, -(2**52), 5, 6, 7]
+        got = codes_from_stream(torch.from_numpy(x), torch.tensor([d]),
+                                torch.tensor([z], dtype=torch.int32), 8, geometry)
+        exact = (2 * x.astype(object) + d) // (2 * d)
+        want = np.clip(exact + z, 0, 255).astype(np.uint8)[None]
+        assert torch.equal(got, packed_reference(want, torch.tensor([z]), geometry))
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_codes_from_float_match_torch_rounding(geometry):
     x = torch.randn(3, 5, 6, 6) * 4

@@ -18,6 +18,7 @@ from adderquant.ops.sad import (
     packed_bytes,
     sad_conv2d,
     sad_conv2d_packed,
+    sad_conv2d_packed_grids,
 )
 
 
@@ -126,6 +127,30 @@ def test_out_index_scatters_filters(path):
     want = sad_reference(x.numpy(), wt.numpy(), 1, 1, 3)
     np.testing.assert_array_equal(out[:, index].numpy(), want)
     assert (out[:, [1, 3]] == -7).all()
+
+
+def test_grids_in_one_call_match_the_reference_per_grid():
+    """Three grids (one without filters), each with its own codes and padding code, their
+    filters scattered over the output channels; a filter count that does not add up is
+    refused."""
+    rng = np.random.default_rng(4)
+    geometry = ConvGeometry((3, 3), (2, 2), (1, 1))
+    pads, filters = [0, 9, 200], [3, 0, 4]
+    x = [codes(rng, (3, 11, 9, 13), "random") for _ in pads]
+    wt = codes(rng, (sum(filters), 11, 3, 3), "random")
+    index = torch.tensor([5, 0, 6, 2, 1, 4, 3], dtype=torch.int32)
+    packed = torch.stack([pack(xg, geometry, p) for xg, p in zip(x, pads, strict=True)])
+    out = torch.empty(3, 7, 5, 7, dtype=torch.int32)
+    sad_conv2d_packed_grids(packed, (11, 9, 13), wt, torch.tensor(filters), geometry,
+                            torch.tensor(pads, dtype=torch.int32), out, index, threads=2)
+    first = 0
+    for xg, p, f in zip(x, pads, filters, strict=True):
+        want = sad_reference(xg.numpy(), wt[first:first + f].numpy(), 2, 1, p)
+        np.testing.assert_array_equal(out[:, index[first:first + f].long()].numpy(), want)
+        first += f
+    with pytest.raises(ValueError, match="summing"):
+        sad_conv2d_packed_grids(packed, (11, 9, 13), wt, torch.tensor([3, 0, 3]), geometry,
+                                torch.tensor(pads, dtype=torch.int32), out, index)
 
 
 def test_active_path_is_the_widest_available():

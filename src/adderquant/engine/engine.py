@@ -1,8 +1,9 @@
 """The integer inference engine: runs a deployment package's graph on a batch of images.
 
-Adder layers run as uint8 SAD with int32 sums (``sad_conv2d_packed``); BatchNorm, ReLU, residual
-additions and requantization run in fixed point (``requant``); only the first convolution and
-the classifier (pooling, 1x1 convolution, BatchNorm) run in float32.
+Adder layers run as uint8 SAD with int32 sums (``sad_conv2d_packed_grids``, all grids of a layer
+in one call); BatchNorm, ReLU, residual additions and requantization run in fixed point
+(``requant``); only the first convolution and the classifier (pooling, 1x1 convolution,
+BatchNorm) run in float32.
 
 Threads: the float ops at both ends run on the whole batch with PyTorch's threads. The integer
 ops between them run image-parallel: the batch is split into one part per thread and each
@@ -28,7 +29,7 @@ from adderquant.ops.requant import (
     float_to_stream,
     requant_fixed,
 )
-from adderquant.ops.sad import ConvGeometry, sad_conv2d_packed
+from adderquant.ops.sad import ConvGeometry, sad_conv2d_packed_grids
 from adderquant.quant.grid import distinct_grids
 
 FLOAT_OPS = ("stem", "head")
@@ -45,13 +46,15 @@ class Codes:
 
 @dataclass
 class _AdderLayer:
-    """One layer's SAD operands, split by grid (groups with the same step and zero point share
-    one grid, so their input codes are produced and read once): filters, output channels,
-    padding code, and the first group on each grid."""
+    """One layer's SAD operands by grid (groups with the same step and zero point share one
+    grid, so their input codes are produced and read once): the filters of grid 0, then grid
+    1, ..., their output channels, the number of filters and the padding code of each grid,
+    and the first group on each grid."""
 
-    weights: list[torch.Tensor]
-    channels: list[torch.Tensor]
-    pad_codes: list[int]
+    weights: torch.Tensor
+    channels: torch.Tensor
+    filters: torch.Tensor
+    pad_codes: torch.Tensor
     geometry: ConvGeometry
     out_channels: int
     grid_groups: torch.Tensor
@@ -93,9 +96,10 @@ class IntegerEngine:
         channels = [torch.nonzero(grid_of_channel == j).flatten().to(torch.int32)
                     for j in range(grids)]
         return _AdderLayer(
-            weights=[codes[c.long()].contiguous() for c in channels],
-            channels=channels,
-            pad_codes=[int(zero[g]) for g in first],
+            weights=codes[torch.cat(channels).long()].contiguous(),
+            channels=torch.cat(channels),
+            filters=torch.tensor([len(c) for c in channels], dtype=torch.int64),
+            pad_codes=zero[first].to(torch.int32).contiguous(),
             geometry=ConvGeometry(tuple(lay["kernel"]), tuple(lay["stride"]),
                                   tuple(lay["padding"])),
             out_channels=lay["out_channels"],
@@ -219,11 +223,9 @@ class IntegerEngine:
         n = codes.packed.shape[1]
         out = torch.empty(n, layer.out_channels, *layer.geometry.output_size(h, w),
                           dtype=torch.int32)
-        for g, (weights, channels, pad) in enumerate(
-                zip(layer.weights, layer.channels, layer.pad_codes, strict=True)):
-            sad_conv2d_packed(codes.packed[g], codes.shape, weights, layer.geometry, pad,
-                              out=out, out_index=channels, threads=threads)
-        return out
+        return sad_conv2d_packed_grids(codes.packed, codes.shape, layer.weights, layer.filters,
+                                       layer.geometry, layer.pad_codes, out, layer.channels,
+                                       threads)
 
 
 def load(directory: str | Path, threads: int | None = None) -> IntegerEngine:

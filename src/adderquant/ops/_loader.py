@@ -36,6 +36,12 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {
     "sad_packed_bytes": (_I64, [_I64, _I64, _I64] + _CONV),  # c, h, w, geometry
     "sad_conv2d": (_INT, _SAD),
     "sad_conv2d_packed": (_INT, _SAD),
+    "sad_conv2d_packed_grids": (
+        _INT,
+        [_PTR, _I64, _I64, _I64, _I64, _I64,  # packed, grids, n, c, h, w
+         _PTR, _PTR] + _CONV  # weight, filters per grid, geometry
+        + [_PTR, _PTR, _I64, _PTR, _INT, _INT],  # pad codes, out_index, out_channels, out,
+    ),                                            # path, threads
     "sad_pack": (_INT, [_PTR, _I64, _I64, _I64, _I64] + _CONV + [_INT, _PTR, _INT]),
     "pack_codes": (
         _INT,

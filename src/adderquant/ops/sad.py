@@ -97,6 +97,53 @@ def sad_conv2d_packed(
     return out
 
 
+def sad_conv2d_packed_grids(
+    packed: torch.Tensor,
+    shape: tuple[int, int, int],
+    weight_codes: torch.Tensor,
+    filters: torch.Tensor,
+    geometry: ConvGeometry,
+    pad_codes: torch.Tensor,
+    out: torch.Tensor,
+    out_index: torch.Tensor,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """:func:`sad_conv2d_packed` of one layer's G grids in one call: ``packed`` (G, N,
+    packed_bytes), grid g padded with ``pad_codes[g]``; ``weight_codes`` (T, C, kH, kW) the
+    filters of grid 0, then grid 1, ... (``filters`` (G,) int64 of them); the output of filter
+    ``t`` goes to channel ``out_index[t]`` (int32, (T,)) of ``out``. Returns ``out``."""
+    c, h, w = shape
+    g = packed.shape[0] if packed.dim() == 3 else -1
+    size = packed_bytes(c, h, w, geometry)
+    if packed.dtype != torch.uint8 or g < 0 or packed.shape[2] != size:
+        raise ValueError(f"sad_conv2d_packed_grids: packed must be uint8 (G, N, {size}), got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    if weight_codes.dtype != torch.uint8 or tuple(weight_codes.shape[1:]) != (c, *geometry.kernel):
+        raise ValueError(f"sad_conv2d_packed_grids: weight_codes must be uint8 (T, {c}, "
+                         f"{geometry.kernel[0]}, {geometry.kernel[1]}), got "
+                         f"{weight_codes.dtype} {tuple(weight_codes.shape)}")
+    if (filters.dtype != torch.int64 or filters.shape != (g,) or int(filters.min()) < 0
+            or int(filters.sum()) != weight_codes.shape[0]):
+        raise ValueError(f"sad_conv2d_packed_grids: filters must be {g} int64 counts summing "
+                         f"to the {weight_codes.shape[0]} filters")
+    if pad_codes.dtype != torch.int32 or pad_codes.shape != (g,):
+        raise ValueError(f"sad_conv2d_packed_grids: pad_codes must be int32 ({g},)")
+    _check_pad_code(int(pad_codes.min()))
+    _check_pad_code(int(pad_codes.max()))
+    if out_index.dtype != torch.int32 or not out_index.is_contiguous():
+        raise ValueError("sad_conv2d_packed_grids: out_index must be contiguous int32")
+    out, out_index = _check_output(out, out_index, packed.shape[1], weight_codes.shape[0],
+                                   *geometry.output_size(h, w))
+    packed, weight_codes = packed.contiguous(), weight_codes.contiguous()
+    filters, pad_codes = filters.contiguous(), pad_codes.contiguous()
+    check(library().sad_conv2d_packed_grids(
+        packed.data_ptr(), g, packed.shape[1], c, h, w, weight_codes.data_ptr(),
+        filters.data_ptr(), *geometry.args(), pad_codes.data_ptr(), out_index.data_ptr(),
+        out.shape[1], out.data_ptr(), -1, threads or torch.get_num_threads()),
+        "sad_conv2d_packed_grids")
+    return out
+
+
 def sad_conv2d(
     codes: torch.Tensor,
     weight_codes: torch.Tensor,

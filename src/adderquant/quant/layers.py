@@ -183,13 +183,13 @@ class QuantAdder2d(nn.Module):
 
     def integer_sums(self, x: torch.Tensor) -> torch.Tensor | None:
         """int32 ``Σ|q_x − r·q_w|`` of the clamped byte weights (N, C_out, H', W'): the input's
-        codes on every grid in one pass and one SAD kernel call per grid; ``None`` when ``x``
+        codes on every grid in one pass and one SAD kernel call for all grids; ``None`` when ``x``
         holds NaN or infinite values, which have no code. Only where
         :meth:`integer_path_applies`; the output is ``(sums + excess)·step + biases`` (see
         :meth:`output_terms`)."""
         from adderquant.ops._loader import NonFiniteInputError
         from adderquant.ops.requant import codes_from_float
-        from adderquant.ops.sad import sad_conv2d_packed
+        from adderquant.ops.sad import sad_conv2d_packed_grids
 
         plan = self._sad_plan()
         n, c, h, w = x.shape
@@ -200,10 +200,8 @@ class QuantAdder2d(nn.Module):
             return None
         sums = torch.empty(n, len(self.group), *plan.geometry.output_size(h, w),
                            dtype=torch.int32)
-        for g, (weights, channels) in enumerate(zip(plan.weights, plan.channels, strict=True)):
-            sad_conv2d_packed(packed[g], (c, h, w), weights, plan.geometry,
-                              int(plan.zero_points[g]), out=sums, out_index=channels)
-        return sums
+        return sad_conv2d_packed_grids(packed, (c, h, w), plan.weights, plan.filters,
+                                       plan.geometry, plan.zero_points, sums, plan.channels)
 
     def output_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per output channel, int32 ``excess``, float32 ``step`` and ``bias`` with which
@@ -283,8 +281,9 @@ class _SadPlan:
     key: tuple
     scales: torch.Tensor  # float32 (G'): the distinct grids
     zero_points: torch.Tensor  # int32 (G')
-    channels: list[torch.Tensor]  # int32: the output channels on each grid
-    weights: list[torch.Tensor]  # uint8 (T_g, C, kH, kW): clamped r·q_w of those channels
+    channels: torch.Tensor  # int32 (C_out): output channels of grid 0, then of grid 1, ...
+    weights: torch.Tensor  # uint8 (C_out, C, kH, kW): clamped r·q_w of those channels
+    filters: torch.Tensor  # int64 (G'): the number of channels on each grid
     excess: torch.Tensor  # int32 (C_out): Σ|v − clamp(v)| of every filter
     step: torch.Tensor  # float32 (C_out): −Δ of every channel's grid
     geometry: ConvGeometry
@@ -296,13 +295,14 @@ class _SadPlan:
 
         scales, zero_points, label = layer._grids()
         clamped, excess = byte_weights(layer.weight_codes, layer.codes)
-        channels = [torch.nonzero(label == j).flatten() for j in range(len(scales))]
+        channels = torch.argsort(label, stable=True)
         return cls(
             key=key,
             scales=scales.float(),
             zero_points=zero_points.to(torch.int32),
-            channels=[c.to(torch.int32) for c in channels],
-            weights=[clamped[c].to(torch.uint8).contiguous() for c in channels],
+            channels=channels.to(torch.int32),
+            weights=clamped[channels].to(torch.uint8).contiguous(),
+            filters=torch.bincount(label, minlength=len(scales)).to(torch.int64),
             excess=excess.to(torch.int32),
             step=-scales[label].float(),
             geometry=ConvGeometry(tuple(layer.weight_codes.shape[2:]), layer.stride,

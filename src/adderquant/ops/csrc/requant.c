@@ -4,7 +4,8 @@
  * fixed-point requantization, stream conversion and float output of int32 sums.
  *
  * Row loops are written once (the *_ROW macros) and compiled for the baseline and, on x86,
- * for AVX-512; the AVX-512 rows run when the shared dispatch (kernel_common.h) finds that path.
+ * for AVX-512; the integer rows also have AVX2 versions. Each call runs the rows of the best
+ * path the shared dispatch (kernel_common.h) finds.
  */
 #include <math.h>
 #include <omp.h>
@@ -152,6 +153,115 @@ stream_row_avx512(const int64_t *src, int64_t pixels, int64_t d, int64_t z, int 
     }
     stream_row_base(src + p, pixels - p, d, z, qmax, dst + p);
 }
+/* ---- AVX2 rows of the integer requantization, 4 int64 lanes at a time ----------------------
+ * AVX2 has neither a 64-bit multiply nor a 64-bit arithmetic shift. M * s is formed exactly
+ * from two signed 32 x 32 -> 64 products, M = Mh * 2^31 + Ml with 0 <= Ml < 2^31 (|Mh * s| <
+ * 2^31 because |M * s| < 2^62), and x >> k as ~(~x >>> k) for negative x. */
+__attribute__((target("avx2"))) static inline __m256i fixed_mul_shift_avx2(
+    __m256i s, __m256i mh, __m256i ml, __m256i o, __m128i count) {
+    const __m256i hi = _mm256_slli_epi64(_mm256_mul_epi32(s, mh), 31);
+    const __m256i x = _mm256_add_epi64(_mm256_add_epi64(hi, _mm256_mul_epi32(s, ml)), o);
+    const __m256i sign = _mm256_cmpgt_epi64(_mm256_setzero_si256(), x);
+    return _mm256_xor_si256(_mm256_srl_epi64(_mm256_xor_si256(x, sign), count), sign);
+}
+
+__attribute__((target("avx2"))) static inline __m256i clamp_epi64_avx2(__m256i v, __m256i lo,
+                                                                      __m256i hi) {
+    v = _mm256_blendv_epi8(v, lo, _mm256_cmpgt_epi64(lo, v));
+    return _mm256_blendv_epi8(v, hi, _mm256_cmpgt_epi64(v, hi));
+}
+
+/* The low bytes of the 4 int64 lanes of a and of b (values 0..255), in order. */
+__attribute__((target("avx2"))) static inline void store_bytes_avx2(uint8_t *dst, __m256i a,
+                                                                   __m256i b) {
+    const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m128i a32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a, low_dwords));
+    const __m128i b32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, low_dwords));
+    const __m128i w = _mm_packus_epi32(a32, b32);
+    _mm_storel_epi64((__m128i *)dst, _mm_packus_epi16(w, w));
+}
+
+__attribute__((target("avx2"))) static void codes_row_avx2(const int32_t *src, int64_t pixels,
+                                                          int64_t m, int64_t o, int k, int64_t z,
+                                                          int qmax, int relu, uint8_t *dst) {
+    const __m256i mh = _mm256_set1_epi64x(m >> 31), ml = _mm256_set1_epi64x(m & 0x7FFFFFFF);
+    const __m256i vo = _mm256_set1_epi64x(o), vz = _mm256_set1_epi64x(z);
+    const __m256i lo = _mm256_set1_epi64x(relu ? 0 : -z), hi = _mm256_set1_epi64x(qmax - z);
+    const __m128i count = _mm_cvtsi32_si128(k);
+    int64_t p = 0;
+    for (; p + 8 <= pixels; p += 8) {
+        __m256i u[2];
+        for (int h = 0; h < 2; h++) {
+            const __m256i s = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(src + p + 4 * h)));
+            u[h] = _mm256_add_epi64(clamp_epi64_avx2(fixed_mul_shift_avx2(s, mh, ml, vo, count),
+                                                     lo, hi), vz);
+        }
+        store_bytes_avx2(dst + p, u[0], u[1]);
+    }
+    codes_row_base(src + p, pixels - p, m, o, k, z, qmax, relu, dst + p);
+}
+
+__attribute__((target("avx2"))) static void fixed_row_avx2(const int32_t *restrict src,
+                                                          int64_t pixels, int64_t m, int64_t o,
+                                                          int k, const int64_t *restrict res,
+                                                          int relu, int64_t *restrict dst) {
+    const __m256i mh = _mm256_set1_epi64x(m >> 31), ml = _mm256_set1_epi64x(m & 0x7FFFFFFF);
+    const __m256i vo = _mm256_set1_epi64x(o), zero = _mm256_setzero_si256();
+    const __m128i count = _mm_cvtsi32_si128(k);
+    int64_t p = 0;
+    for (; p + 4 <= pixels; p += 4) {
+        const __m256i s = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(src + p)));
+        __m256i u = fixed_mul_shift_avx2(s, mh, ml, vo, count);
+        if (res) u = _mm256_add_epi64(u, _mm256_loadu_si256((const __m256i *)(res + p)));
+        if (relu) u = _mm256_andnot_si256(_mm256_cmpgt_epi64(zero, u), u);
+        _mm256_storeu_si256((__m256i *)(dst + p), u);
+    }
+    fixed_row_base(src + p, pixels - p, m, o, k, res ? res + p : NULL, relu, dst + p);
+}
+
+/* stream_row_base with AVX2: the quotient is estimated in double precision and corrected with
+ * an exact remainder, as in the AVX-512 row; int64 -> double by the 2^52 + 2^51 bias, exact for
+ * |2x + d| < 2^51 (4 values at a time; a vector with a larger value takes the baseline). */
+__attribute__((target("avx2,fma"))) static void stream_row_avx2(const int64_t *src,
+                                                               int64_t pixels, int64_t d,
+                                                               int64_t z, int qmax,
+                                                               uint8_t *dst) {
+    const double bias = 6755399441055744.0; /* 2^52 + 2^51 */
+    const __m256i vbias = _mm256_castpd_si256(_mm256_set1_pd(bias));
+    const __m256i vd = _mm256_set1_epi64x(d);
+    const __m256i limit = _mm256_set1_epi64x(((int64_t)1 << 51) - 1);
+    const __m256i neg_limit = _mm256_set1_epi64x(-((int64_t)1 << 51));
+    const __m256d d2 = _mm256_set1_pd(2.0 * (double)d), inv = _mm256_set1_pd(1.0 / (2.0 * (double)d));
+    const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd();
+    const __m256d vz = _mm256_set1_pd((double)z), vmax = _mm256_set1_pd((double)qmax);
+    if (d <= 0 || d >= ((int64_t)1 << 50)) {
+        stream_row_base(src, pixels, d, z, qmax, dst);
+        return;
+    }
+    int64_t p = 0;
+    for (; p + 4 <= pixels; p += 4) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(src + p));
+        const __m256i num = _mm256_add_epi64(_mm256_add_epi64(x, x), vd);
+        const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi64(num, limit),
+                                            _mm256_cmpgt_epi64(neg_limit, num));
+        if (!_mm256_testz_si256(out, out)) {
+            stream_row_base(src + p, 4, d, z, qmax, dst + p);
+            continue;
+        }
+        const __m256d nd = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(num, vbias)),
+                                         _mm256_set1_pd(bias));
+        __m256d q = _mm256_floor_pd(_mm256_mul_pd(nd, inv));
+        const __m256d r = _mm256_fnmadd_pd(q, d2, nd); /* exact: |q * 2d| < 2^53 */
+        q = _mm256_add_pd(q, _mm256_and_pd(_mm256_cmp_pd(r, d2, _CMP_GE_OQ), one));
+        q = _mm256_sub_pd(q, _mm256_and_pd(_mm256_cmp_pd(r, zero, _CMP_LT_OQ), one));
+        q = _mm256_min_pd(_mm256_max_pd(_mm256_add_pd(q, vz), zero), vmax);
+        const __m128i i = _mm256_cvttpd_epi32(q);
+        const __m128i w = _mm_packus_epi32(i, i);
+        const uint32_t bytes = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(w, w));
+        memcpy(dst + p, &bytes, 4);
+    }
+    stream_row_base(src + p, pixels - p, d, z, qmax, dst + p);
+}
 #else /* the baseline rows stand in for the AVX-512 ones, never chosen without KERNEL_X86 */
 #define fixed_row_avx512 fixed_row_base
 #define float_row_avx512 float_row_base
@@ -160,10 +270,11 @@ stream_row_avx512(const int64_t *src, int64_t pixels, int64_t d, int64_t z, int 
 #define codes_row_avx512 codes_row_base
 #define stream_row_avx512 stream_row_base
 #define affine_row_avx512 affine_row_base
+#define codes_row_avx2 codes_row_base
+#define fixed_row_avx2 fixed_row_base
+#define stream_row_avx2 stream_row_base
 #endif
 
-/* Whether the AVX-512 rows run: the shared dispatch's best path. */
-static int wide_rows(void) { return kernel_best_path() == KERNEL_PATH_AVX512; }
 
 /* The rows of float values for the best path: AVX-512, AVX2 or the baseline. */
 typedef int (*FloatRow)(const float *, int64_t, float, float, float, uint8_t *);
@@ -182,7 +293,7 @@ static inline int64_t with_half(int64_t o, int32_t k) {
 enum { FROM_FLOAT = 0, FROM_SUMS = 1, FROM_STREAM = 2 };
 
 typedef struct {
-    int kind, wide, qmax, relu;
+    int kind, path, qmax, relu; /* path: the shared dispatch's best */
     FloatRow float_row;                 /* FROM_FLOAT: the row of the best path */
     const void *values;                 /* float32 / int32 / int64 [n][c][h][w] */
     const float *scale;                 /* FROM_FLOAT: [g] */
@@ -201,12 +312,14 @@ static int source_span(const Source *s, const Geometry *geo, int64_t g, int64_t 
         return s->float_row((const float *)s->values + base, count, s->scale[g], (float)z, (float)s->qmax, dst);
     } else if (s->kind == FROM_SUMS) {
         const int64_t i = g * geo->cin + c;
-        (s->wide ? codes_row_avx512 : codes_row_base)(
+        (s->path == KERNEL_PATH_AVX512 ? codes_row_avx512
+         : s->path == KERNEL_PATH_AVX2 ? codes_row_avx2 : codes_row_base)(
             (const int32_t *)s->values + base, count, s->mult[i],
             with_half(s->offset[i], s->shift[i]), s->shift[i], z, s->qmax, s->relu, dst);
     } else {
-        (s->wide ? stream_row_avx512 : stream_row_base)((const int64_t *)s->values + base,
-                                                        count, s->divisor[g], z, s->qmax, dst);
+        (s->path == KERNEL_PATH_AVX512 ? stream_row_avx512
+         : s->path == KERNEL_PATH_AVX2 ? stream_row_avx2 : stream_row_base)(
+            (const int64_t *)s->values + base, count, s->divisor[g], z, s->qmax, dst);
     }
     return 0;
 }
@@ -299,7 +412,7 @@ int pack_codes(int kind, const void *values, int64_t n_img, int64_t c, int64_t h
     const int status = sad_init_geometry(&geo, n_img, c, h, w, 0, kh, kw, sh, sw, ph, pw);
     if (status != KERNEL_OK || kind < FROM_FLOAT || kind > FROM_STREAM || qmax < 1 || qmax > 255)
         return KERNEL_ERR_GEOMETRY;
-    const Source s = {kind, wide_rows(), qmax, relu, float_row(), values, scale, mult, offset, shift,
+    const Source s = {kind, kernel_best_path(), qmax, relu, float_row(), values, scale, mult, offset, shift,
                       divisor, zero};
     return produce(&s, &geo, groups, out, threads);
 }
@@ -310,8 +423,10 @@ void requant_fixed(const int32_t *in, int64_t n_img, int64_t channels, int64_t p
                    const int64_t *mult, const int64_t *offset, const int32_t *shift,
                    const int64_t *residual, int relu, int64_t *out, int threads) {
     if (threads <= 0) threads = omp_get_max_threads();
+    const int path = kernel_best_path();
     void (*row)(const int32_t *, int64_t, int64_t, int64_t, int, const int64_t *, int,
-                int64_t *) = wide_rows() ? fixed_row_avx512 : fixed_row_base;
+                int64_t *) = path == KERNEL_PATH_AVX512 ? fixed_row_avx512
+                             : path == KERNEL_PATH_AVX2 ? fixed_row_avx2 : fixed_row_base;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_img; n++) {
         for (int64_t c = 0; c < channels; c++) {

@@ -28,8 +28,9 @@ static inline int64_t out_channel(const Geometry *g, int64_t t) {
     return g->out_index ? g->out_index[t] : t;
 }
 
-static inline int32_t *out_row(const Geometry *g, int64_t n, int64_t t, int64_t i) {
-    return g->out + ((n * g->out_channels + out_channel(g, t)) * g->ho + i) * g->wo;
+/* The output plane of filter t for image n. */
+static inline int32_t *out_plane(const Geometry *g, int64_t n, int64_t t) {
+    return g->out + (n * g->out_channels + out_channel(g, t)) * g->ho * g->wo;
 }
 
 /* Byte offset of the cell of output (i, j) for tap (0, 0, 0) inside a packed image. */
@@ -159,7 +160,7 @@ static inline uint64_t load_cell(const uint8_t *p) {
 }
 
 typedef void (*TileFn)(const Geometry *, const uint8_t *, int64_t, const int64_t *,
-                       const int64_t *, int, int64_t, int);
+                       const int64_t *, int);
 
 typedef struct {
     TileFn fn;
@@ -228,22 +229,12 @@ int64_t sad_packed_bytes(int64_t cin, int64_t h, int64_t w, int64_t kh, int64_t 
     return status == KERNEL_OK ? g.image : status;
 }
 
-/* All filters over tile `tl` (q vectors of vw output columns) of packed image n. */
-static void run_tile(const Geometry *g, const Path *p, const uint8_t *img, int64_t n,
-                     int64_t tl) {
-    const int64_t row_vectors = (g->wo + p->vw - 1) / p->vw;
-    const int64_t vectors = g->ho * row_vectors;
-    int64_t vi[8], vj[8];
+/* All filters over tile `tl` (q vectors of vw output columns) of packed image n; vi/vj hold
+ * the output row and first column of every vector. */
+static inline void run_tile(const Geometry *g, const Path *p, const uint8_t *img, int64_t n,
+                            int64_t tl, int64_t vectors, const int64_t *vi, const int64_t *vj) {
     const int64_t v0 = tl * p->q;
-    const int nq = (int)(vectors - v0 < p->q ? vectors - v0 : p->q);
-    for (int q = 0; q < nq; q++) {
-        vi[q] = (v0 + q) / row_vectors;
-        vj[q] = (v0 + q) % row_vectors * p->vw;
-    }
-    for (int64_t t0 = 0; t0 < g->cout; t0 += p->r) {
-        const int nr = (int)(g->cout - t0 < p->r ? g->cout - t0 : p->r);
-        p->fn(g, img, n, vi, vj, nq, t0, nr);
-    }
+    p->fn(g, img, n, vi + v0, vj + v0, (int)(vectors - v0 < p->q ? vectors - v0 : p->q));
 }
 
 /* The SAD of every image: from packed images `xp` ([n][image]) if given, else packing the
@@ -256,19 +247,22 @@ static int sad_run(Geometry *g, const uint8_t *x, const uint8_t *xp, int pad_cod
     if (g->n_img == 0 || g->cout == 0) return KERNEL_OK;
     if (threads <= 0) threads = omp_get_max_threads();
     const Path p = *PATHS[path];
-    const int64_t vectors = g->ho * ((g->wo + p.vw - 1) / p.vw);
+    const int64_t row_vectors = (g->wo + p.vw - 1) / p.vw, vectors = g->ho * row_vectors;
     const int64_t tiles = (vectors + p.q - 1) / p.q, n_img = g->n_img;
 
     uint8_t *wp = malloc((size_t)(g->cout * g->k8 * 8));
     int64_t *off = malloc((size_t)g->k8 * sizeof(int64_t));
+    int64_t *vi = malloc((size_t)(2 * vectors) * sizeof(int64_t)), *vj = vi ? vi + vectors : NULL;
     /* NCHW input and enough images for every thread: each thread packs its images one at a
      * time into a private buffer that stays in cache. Otherwise: pack all, split the tiles. */
     const int per_image = xp == NULL && n_img >= threads;
     uint8_t *packed = xp == NULL && !per_image
                           ? malloc((size_t)(n_img * g->image + threads * 8 * g->ws))
                           : NULL;
-    int status = wp && off && (xp || per_image || packed) ? KERNEL_OK : KERNEL_ERR_MEMORY;
+    int status = wp && off && vi && (xp || per_image || packed) ? KERNEL_OK : KERNEL_ERR_MEMORY;
     if (status == KERNEL_OK) {
+        for (int64_t v = 0; v < vectors; v++)
+            vi[v] = v / row_vectors, vj[v] = v % row_vectors * p.vw;
         tap_offsets(g, off);
         pack_weights(g, weight, (uint8_t)pad_code, wp);
         g->wp = wp, g->off = off;
@@ -285,7 +279,7 @@ static int sad_run(Geometry *g, const uint8_t *x, const uint8_t *xp, int pad_cod
             for (int64_t n = 0; n < n_img; n++) {
                 if (!img) continue;
                 pack_image(g, x, n, (uint8_t)pad_code, img, img + g->image);
-                for (int64_t tl = 0; tl < tiles; tl++) run_tile(g, &p, img, n, tl);
+                for (int64_t tl = 0; tl < tiles; tl++) run_tile(g, &p, img, n, tl, vectors, vi, vj);
             }
             free(img);
         }
@@ -299,9 +293,10 @@ static int sad_run(Geometry *g, const uint8_t *x, const uint8_t *xp, int pad_cod
         }
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t n = 0; n < n_img; n++)
-            for (int64_t tl = 0; tl < tiles; tl++) run_tile(g, &p, xp + n * g->image, n, tl);
+            for (int64_t tl = 0; tl < tiles; tl++)
+                run_tile(g, &p, xp + n * g->image, n, tl, vectors, vi, vj);
     }
-    free(packed), free(wp), free(off);
+    free(packed), free(wp), free(off), free(vi);
     return status;
 }
 
@@ -331,6 +326,28 @@ int sad_conv2d_packed(const uint8_t *xp, int64_t n_img, int64_t cin, int64_t h, 
     if (status != KERNEL_OK) return status;
     g.out_channels = out_channels, g.out_index = out_index, g.out = out;
     return sad_run(&g, NULL, xp, pad_code, weight, path, threads);
+}
+
+/* sad_conv2d_packed for the G grids of one layer in one call: xp is [grids][n_img][image] (grid
+ * g packed with pad_codes[g]), weight [T][cin][kh][kw] holds the filters of grid 0, then of
+ * grid 1, ... (filters[g] of them), and out_index [T] places filter t's output channel. */
+int sad_conv2d_packed_grids(const uint8_t *xp, int64_t grids, int64_t n_img, int64_t cin,
+                            int64_t h, int64_t w, const uint8_t *weight, const int64_t *filters,
+                            int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                            int64_t pw, const int32_t *pad_codes, const int32_t *out_index,
+                            int64_t out_channels, int32_t *out, int path, int threads) {
+    int64_t first = 0;
+    for (int64_t gi = 0; gi < grids; gi++) {
+        Geometry g;
+        int status = sad_init_geometry(&g, n_img, cin, h, w, filters[gi], kh, kw, sh, sw, ph, pw);
+        if (status != KERNEL_OK || filters[gi] < 0) return KERNEL_ERR_GEOMETRY;
+        g.out_channels = out_channels, g.out_index = out_index + first, g.out = out;
+        status = sad_run(&g, NULL, xp + gi * n_img * g.image, pad_codes[gi],
+                         weight + first * cin * kh * kw, path, threads);
+        if (status != KERNEL_OK) return status;
+        first += filters[gi];
+    }
+    return KERNEL_OK;
 }
 
 /* Pack NCHW codes x ([n_img, cin, h, w]) for a convolution geometry into out ([n_img][image]). */
@@ -393,6 +410,13 @@ TARGET static inline void store_avx512(int32_t *dst, __m512i acc, int64_t left) 
 #define BCAST(p) _mm256_set1_epi64x((long long)load_cell(p))
 #define ZERO() _mm256_setzero_si256()
 #define ACCUMULATE(acc, a, b) ((acc) = _mm256_add_epi64((acc), _mm256_sad_epu8((a), (b))))
+/* The 8 sums of two vectors of adjacent columns, in one store. */
+#define STORE_PAIR(dst, acc) store_pair_avx2((dst), (acc)[0], (acc)[1])
+TARGET static inline void store_pair_avx2(int32_t *dst, __m256i lo, __m256i hi) {
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i both = _mm256_blend_epi32(lo, _mm256_slli_epi64(hi, 32), 0xAA);
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permutevar8x32_epi32(both, order));
+}
 TARGET static inline void store_avx2(int32_t *dst, __m256i acc, int64_t left) {
     const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
     const __m128i v = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(acc, low_dwords));
@@ -438,39 +462,53 @@ static inline void store_portable(int32_t *dst, sad_acc_portable acc, int64_t le
 
 #define FN(name) SAD_PASTE(name, ISA)
 
-/* All output columns of vectors vi/vj (nq <= Q of them) against filters t0 .. t0 + nr - 1
- * (nr <= R) of packed image n. Short tiles repeat their last vector and filter. */
+/* All output columns of vectors vi/vj (nq <= Q of them) of packed image n against every
+ * filter, R filters at a time. Short tiles repeat their last vector and filter. */
 TARGET static void FN(tile)(const Geometry *g, const uint8_t *img, int64_t n, const int64_t *vi,
-                            const int64_t *vj, int nq, int64_t t0, int nr) {
+                            const int64_t *vj, int nq) {
     const uint8_t *xa[Q];
-    const uint8_t *wr[R];
-    ACC acc[R][Q];
+    int64_t at[Q]; /* offset of each vector's first output in a plane */
+    const int64_t k8 = g->k8, *off = g->off;
 #pragma GCC unroll 8
     for (int q = 0; q < Q; q++) {
         const int qq = q < nq ? q : nq - 1;
         xa[q] = img + cell_base(g, vi[qq], vj[qq]);
+        at[q] = vi[qq] * g->wo + vj[qq];
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        wr[r] = g->wp + (t0 + (r < nr ? r : nr - 1)) * g->k8 * 8;
-#pragma GCC unroll 8
-        for (int q = 0; q < Q; q++) acc[r][q] = ZERO();
-    }
-    for (int64_t k = 0; k < g->k8; k++) {
-        const int64_t o = g->off[k];
-        CELLS a[Q];
-#pragma GCC unroll 8
-        for (int q = 0; q < Q; q++) a[q] = LOAD(xa[q] + o);
+    for (int64_t t0 = 0; t0 < g->cout; t0 += R) {
+        const int nr = (int)(g->cout - t0 < R ? g->cout - t0 : R);
+        const uint8_t *wr[R];
+        ACC acc[R][Q];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            WEIGHT b = BCAST(wr[r] + k * 8);
+            wr[r] = g->wp + (t0 + (r < nr ? r : nr - 1)) * k8 * 8;
 #pragma GCC unroll 8
-            for (int q = 0; q < Q; q++) ACCUMULATE(acc[r][q], a[q], b);
+            for (int q = 0; q < Q; q++) acc[r][q] = ZERO();
+        }
+        for (int64_t k = 0; k < k8; k++) {
+            const int64_t o = off[k];
+            CELLS a[Q];
+#pragma GCC unroll 8
+            for (int q = 0; q < Q; q++) a[q] = LOAD(xa[q] + o);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                WEIGHT b = BCAST(wr[r] + k * 8);
+#pragma GCC unroll 8
+                for (int q = 0; q < Q; q++) ACCUMULATE(acc[r][q], a[q], b);
+            }
+        }
+#ifdef STORE_PAIR
+        if (nq == 2 && at[1] == at[0] + VW && g->wo - vj[0] >= 2 * VW) {
+            for (int r = 0; r < nr; r++) STORE_PAIR(out_plane(g, n, t0 + r) + at[0], acc[r]);
+            continue;
+        }
+#endif
+        for (int r = 0; r < nr; r++) {
+            int32_t *plane = out_plane(g, n, t0 + r);
+            for (int q = 0; q < nq; q++)
+                FN(store)(plane + at[q], acc[r][q], g->wo - vj[q]);
         }
     }
-    for (int r = 0; r < nr; r++)
-        for (int q = 0; q < nq; q++)
-            FN(store)(out_row(g, n, t0 + r, vi[q]) + vj[q], acc[r][q], g->wo - vj[q]);
 }
 
 static const Path FN(path) = {FN(tile), VW, Q, R};
@@ -484,6 +522,7 @@ static const Path FN(path) = {FN(tile), VW, Q, R};
 #undef CELLS
 #undef ACC
 #undef WEIGHT
+#undef STORE_PAIR
 #undef LOAD
 #undef BCAST
 #undef ZERO
