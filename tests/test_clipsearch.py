@@ -20,6 +20,7 @@ from adderquant.quant.clipsearch import (
     LayerSample,
     candidate_intervals,
     channel_errors,
+    code_distances,
     interval_grid,
     sample_patches,
     select_groups,
@@ -162,3 +163,17 @@ def test_search_beats_the_fixed_quantile_on_the_released_model(released_resnet20
     four, labels = select_groups(errors, 4)
     assert _cost(errors, one) < 0.8 * fixed.sum()
     assert _cost(errors, four) <= _cost(errors, one)
+
+
+def test_code_distances_match_the_l1_definition():
+    """The integer kernel's distances between code rows equal ``Σ|x − w|`` in float64, for
+    codes over the whole byte range and row lengths that are no multiple of 8."""
+    g = torch.Generator().manual_seed(3)
+    for p, c, k in [(1, 1, 1), (37, 5, 13), (300, 16, 144)]:
+        qx = torch.randint(0, 256, (p, k), generator=g).float()
+        qw = torch.randint(0, 256, (c, k), generator=g).float()
+        qx[0], qw[0] = 255.0, 0.0
+        want = (qx.double()[:, None, :] - qw.double()[None]).abs().sum(-1)
+        got = code_distances(qx, qw)
+        assert got.dtype == torch.int32 and got.shape == (p, c)
+        assert torch.equal(got.double(), want)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adderquant.ops.sad import sad_conv2d
 from adderquant.quant.clamp import lossless_clamp
 from adderquant.quant.grid import check_bits
 
@@ -143,11 +144,20 @@ class LayerSample:
         return cls(patches, w, -torch.cdist(patches.double(), w.double(), p=1))
 
 
+def code_distances(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """``Σ_k |qx[p, k] − qw[c, k]|`` (P, C) int32 of integer codes in 0..255 (float tensors
+    (P, K) and (C, K)), by the integer SAD kernel: the P rows are the columns of one 1x1
+    "image" of K channels."""
+    x = qx.to(torch.uint8).t().contiguous().view(1, qx.shape[1], 1, qx.shape[0])
+    w = qw.to(torch.uint8).view(qw.shape[0], qw.shape[1], 1, 1)
+    return sad_conv2d(x, w).view(qw.shape[0], qx.shape[0]).t()
+
+
 def quantized_output(sample: LayerSample, grid: IntervalGrid) -> torch.Tensor:
     """The sampled layer output (P, C, float64) with inputs and clamped weights on ``grid``."""
     clamped, bias = lossless_clamp(sample.weight, grid.lo, grid.hi)
     qx, qw = grid_codes(sample.patches, grid), grid_codes(clamped, grid)
-    return -grid.scale * torch.cdist(qx, qw, p=1).double() + bias.double()
+    return -grid.scale * code_distances(qx, qw).double() + bias.double()
 
 
 def channel_errors(
