@@ -37,7 +37,7 @@ def best_times(call: Callable[[ctypes.CDLL], int], libs: list[ctypes.CDLL],
         for i, lib in enumerate(libs):
             start = time.process_time()
             if call(lib):
-                raise RuntimeError("the adder kernel failed")
+                raise RuntimeError("a kernel call failed")
             best[i] = min(best[i], time.process_time() - start)
     return best
 
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per measurement")
     args = parser.parse_args()
     candidate = args.candidate or load_library()._name
-    libs = [open_library(args.baseline), open_library(candidate)]
+    names = ("adder_forward_f32", "adder_backward_f32")
+    libs = [open_library(args.baseline, names), open_library(candidate, names)]
     ratios: dict[str, list[float]] = {"forward": [], "backward": []}
     print(f"{'layer (ms per call, 1 thread)':30s} {'fwd base':>9s} {'new':>7s} {'ratio':>6s} "
           f"{'bwd base':>9s} {'new':>7s} {'ratio':>6s}")

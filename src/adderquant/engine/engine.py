@@ -95,9 +95,10 @@ class IntegerEngine:
         grid_of_channel = grid_of_group[self.t[f"{name}.group"].long()]
         channels = [torch.nonzero(grid_of_channel == j).flatten().to(torch.int32)
                     for j in range(grids)]
+        order = torch.cat(channels)  # filters grid by grid
         return _AdderLayer(
-            weights=codes[torch.cat(channels).long()].contiguous(),
-            channels=torch.cat(channels),
+            weights=codes[order.long()].contiguous(),
+            channels=order,
             filters=torch.tensor([len(c) for c in channels], dtype=torch.int64),
             pad_codes=zero[first].to(torch.int32).contiguous(),
             geometry=ConvGeometry(tuple(lay["kernel"]), tuple(lay["stride"]),

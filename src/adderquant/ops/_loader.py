@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+from collections.abc import Iterable
 from functools import cache
 
 from adderquant.ops.geometry import Geometry
@@ -86,10 +87,12 @@ class NonFiniteInputError(ValueError):
     """Values that are NaN or infinite have no integer code."""
 
 
-def open_library(path: str) -> ctypes.CDLL:
-    """The kernel library at ``path`` with the types of its functions declared."""
+def open_library(path: str, names: Iterable[str] | None = None) -> ctypes.CDLL:
+    """The kernel library at ``path`` with the types of its functions declared: all of
+    :data:`SIGNATURES`, or only ``names`` (e.g. for an older build that lacks some)."""
     lib = ctypes.CDLL(path)
-    for name, (restype, argtypes) in SIGNATURES.items():
+    for name in SIGNATURES if names is None else names:
+        restype, argtypes = SIGNATURES[name]
         fn = getattr(lib, name)
         fn.restype = restype
         fn.argtypes = argtypes

@@ -130,8 +130,6 @@ def sad_conv2d_packed_grids(
         raise ValueError(f"sad_conv2d_packed_grids: pad_codes must be int32 ({g},)")
     _check_pad_code(int(pad_codes.min()))
     _check_pad_code(int(pad_codes.max()))
-    if out_index.dtype != torch.int32 or not out_index.is_contiguous():
-        raise ValueError("sad_conv2d_packed_grids: out_index must be contiguous int32")
     out, out_index = _check_output(out, out_index, packed.shape[1], weight_codes.shape[0],
                                    *geometry.output_size(h, w))
     packed, weight_codes = packed.contiguous(), weight_codes.contiguous()

@@ -226,6 +226,10 @@ __attribute__((target("avx2,fma"))) static void stream_row_avx2(const int64_t *s
                                                                int64_t pixels, int64_t d,
                                                                int64_t z, int qmax,
                                                                uint8_t *dst) {
+    if (d <= 0 || d >= ((int64_t)1 << 50)) {
+        stream_row_base(src, pixels, d, z, qmax, dst);
+        return;
+    }
     const double bias = 6755399441055744.0; /* 2^52 + 2^51 */
     const __m256i vbias = _mm256_castpd_si256(_mm256_set1_pd(bias));
     const __m256i vd = _mm256_set1_epi64x(d);
@@ -234,10 +238,6 @@ __attribute__((target("avx2,fma"))) static void stream_row_avx2(const int64_t *s
     const __m256d d2 = _mm256_set1_pd(2.0 * (double)d), inv = _mm256_set1_pd(1.0 / (2.0 * (double)d));
     const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd();
     const __m256d vz = _mm256_set1_pd((double)z), vmax = _mm256_set1_pd((double)qmax);
-    if (d <= 0 || d >= ((int64_t)1 << 50)) {
-        stream_row_base(src, pixels, d, z, qmax, dst);
-        return;
-    }
     int64_t p = 0;
     for (; p + 4 <= pixels; p += 4) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(src + p));
