@@ -59,15 +59,24 @@ def layer_calls(batch: int, c_in: int, c_out: int, size: int, k: int,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ab_arguments(description: str, batch: int, repeats: int) -> argparse.Namespace:
+    """The options of a two-build comparison: ``--baseline``, ``--candidate`` (default: the
+    installed build, its path in ``candidate``), ``--batch``, ``--repeats``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--baseline", required=True, help="a saved _kernels*.so")
     parser.add_argument("--candidate", default=None,
                         help="the build to compare (default: the installed one)")
-    parser.add_argument("--batch", type=int, default=32, help="images per call")
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per measurement")
+    parser.add_argument("--batch", type=int, default=batch, help="images per call")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="timed rounds per measurement")
     args = parser.parse_args()
-    candidate = args.candidate or load_library()._name
+    args.candidate = args.candidate or load_library()._name
+    return args
+
+
+def main() -> None:
+    args = ab_arguments(__doc__.splitlines()[0], batch=32, repeats=20)
+    candidate = args.candidate
     names = ("adder_forward_f32", "adder_backward_f32")
     libs = [open_library(args.baseline, names), open_library(candidate, names)]
     ratios: dict[str, list[float]] = {"forward": [], "backward": []}

@@ -13,7 +13,6 @@ on the ResNet-20 adder-layer shapes, then on layers of one output size (16 filte
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import math
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from adder_kernel_ab import BEST_PATH, best_times
-from adderquant.ops._loader import load_library, open_library
+from adder_kernel_ab import BEST_PATH, ab_arguments, best_times
+from adderquant.ops._loader import open_library
 from adderquant.ops.sad import ConvGeometry, pack
 from resnet20_shapes import SHAPES
 
@@ -44,16 +43,9 @@ def layer_call(batch: int, c_in: int, c_out: int, size: int, k: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, help="a saved _kernels*.so")
-    parser.add_argument("--candidate", default=None,
-                        help="the build to compare (default: the installed one)")
-    parser.add_argument("--batch", type=int, default=64, help="images per call")
-    parser.add_argument("--repeats", type=int, default=40, help="timed rounds per measurement")
-    args = parser.parse_args()
+    args = ab_arguments(__doc__.splitlines()[0], batch=64, repeats=40)
     names = ("sad_conv2d_packed",)
-    libs = [open_library(args.baseline, names),
-            open_library(args.candidate or load_library()._name, names)]
+    libs = [open_library(args.baseline, names), open_library(args.candidate, names)]
     print(f"{'layer (ms per call, 1 thread)':30s} {'base':>7s} {'new':>7s} {'ratio':>6s}")
     totals, ratios = np.zeros(2), []
     for name, c_in, c_out, k, stride, size in SHAPES:
