@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,50 @@ def test_codes_from_float_long_rows_with_ties_clamps_and_nonfinite_values():
         bad[index] = value
         with pytest.raises(ValueError, match="NaN or infinite"):
             codes_from_float(bad, scale, zero, 6, geometry)
+
+
+@pytest.mark.parametrize("width", [16, 33, 70])
+@pytest.mark.parametrize("geometry", [
+    ConvGeometry((3, 3), (2, 2), (1, 1)), ConvGeometry((1, 1), (2, 2), (0, 0)),
+    ConvGeometry((2, 2), (2, 2), (0, 0)), ConvGeometry((3, 3), (3, 3), (1, 1)),
+    ConvGeometry((3, 3), (1, 2), (2, 1)),
+])
+def test_codes_from_float_strided_rows(geometry, width):
+    """Strided layers split each row into its column phases (vector paths for 16 and 32
+    columns, and a tail); the packed codes equal the sad kernel's packer on torch's codes."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(2, 9, 7, width, generator=g) * 3
+    scale = torch.tensor([0.3, 0.11])
+    zero = torch.tensor([5, 0], dtype=torch.int32)
+    got = codes_from_float(x, scale, zero, 4, geometry)
+    want = torch.clamp(torch.round(x.unsqueeze(0) / scale.view(-1, 1, 1, 1, 1))
+                       + zero.view(-1, 1, 1, 1, 1).float(), 0, 15).to(torch.uint8)
+    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
+
+
+@pytest.mark.parametrize("scale", [0.37, 0.1, 1 / 3, 0.0123, 7.7, 1e-39, 1e38, 2.0**-20])
+def test_codes_from_float_next_to_half_steps(scale):
+    """Values a few ulps from (k + 1/2)·scale, where a product with the reciprocal of the scale
+    may round the other way than the quotient: the codes must still be those of the quotient
+    (the reference is torch's division), also for scales whose reciprocal is not normal."""
+    geometry = ConvGeometry((1, 1), (1, 1), (0, 0))
+    s = torch.tensor([scale], dtype=torch.float32)
+    k = torch.arange(-300, 300, dtype=torch.float32)
+    centre = ((k + 0.5) * s).view(-1, 1)
+    x = torch.nextafter(centre, torch.full_like(centre, math.inf))
+    values = [centre, x]
+    for _ in range(3):
+        values.append(torch.nextafter(values[-1], torch.full_like(centre, math.inf)))
+    below = centre
+    for _ in range(4):
+        below = torch.nextafter(below, torch.full_like(centre, -math.inf))
+        values.append(below)
+    x = torch.cat(values, dim=1).flatten()
+    x = torch.where(torch.isfinite(x), x, 0.0)[: len(x) // 64 * 64].view(4, 1, -1, 16)
+    zero = torch.tensor([128], dtype=torch.int32)
+    got = codes_from_float(x, s, zero, 8, geometry)
+    want = torch.clamp(torch.round(x / s) + 128, 0, 255).to(torch.uint8).unsqueeze(0)
+    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
 
 
 def fakequant64(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

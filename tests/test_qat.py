@@ -274,6 +274,20 @@ def test_qat_returns_a_quantized_model_and_lowers_held_out_kl():
     assert report["kl"] < report["start"]["kl"]
 
 
+def test_batch_norm_frozen_throughout_keeps_the_statistics_it_starts_with():
+    """``bn_freeze=1`` without a refresh: every step sees the post-training model's BatchNorm
+    statistics, which the trained model still holds; the default schedule changes them."""
+    model, quantized, images, labels = tiny_setup()
+    names = ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")
+    start = {k: v.clone() for k, v in quantized.state_dict().items() if k in names}
+    frozen, _ = qat(model, quantized, small_config(bn_freeze=1.0, bn_refresh_batches=0),
+                    images, labels, "cifar10", **TINY)
+    default, _ = qat(model, quantized, small_config(), images, labels, "cifar10", **TINY)
+    for k in names:
+        assert torch.equal(frozen.state_dict()[k], start[k]), k
+        assert not torch.equal(default.state_dict()[k], start[k]), k
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     model, quantized, images, labels = tiny_setup()

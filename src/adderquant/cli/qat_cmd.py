@@ -34,7 +34,7 @@ _HELP = {
     "loss": "kl: distillation from the float model's logits; ce: cross-entropy on labels",
     "temperature": "distillation temperature",
     "bn_refresh_batches": "batches re-estimating BatchNorm at the start and before the freeze",
-    "bn_freeze": "last fraction of the steps with BatchNorm frozen",
+    "bn_freeze": "last fraction of the steps with BatchNorm frozen (1: throughout)",
     "true_gradient": "exact sign gradients through the adder op instead of AdderNet's",
     "holdout": "last training images never trained on (agreement and KL)",
     "eval_images": "held-out images scored after every epoch",

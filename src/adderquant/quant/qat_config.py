@@ -29,7 +29,9 @@ class QATConfig:
     loss: str = "kl"  # kl: distillation from the float model's logits; ce: cross-entropy
     temperature: float = 1.0  # of the distillation loss (multiplied back by T^2)
     bn_refresh_batches: int = 50  # train-mode batches re-estimating BatchNorm at start/freeze
-    bn_freeze: float = 0.25  # last fraction of the steps with BatchNorm frozen (eval mode)
+    # last fraction of the steps with BatchNorm frozen (eval mode); 1: frozen throughout, with
+    # the statistics of the start (refreshed if bn_refresh_batches, else the model's own)
+    bn_freeze: float = 0.25
     true_gradient: bool = False  # exact sign gradients through the adder op (else AdderNet's)
     holdout: int = 10000  # last training images never trained on (agreement and KL)
     eval_images: int = 10000  # held-out images evaluated after every epoch (0: none)
@@ -57,8 +59,8 @@ class QATConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
-        if not 0.0 <= self.bn_freeze < 1.0:
-            raise ValueError(f"bn_freeze must be in [0, 1), got {self.bn_freeze}")
+        if not 0.0 <= self.bn_freeze <= 1.0:
+            raise ValueError(f"bn_freeze must be in [0, 1], got {self.bn_freeze}")
         for name in ("bn_refresh_batches", "holdout", "eval_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

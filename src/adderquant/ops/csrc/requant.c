@@ -324,6 +324,28 @@ static int source_span(const Source *s, const Geometry *geo, int64_t g, int64_t 
     return 0;
 }
 
+/* even[i] = src[2i] and odd[i] = src[2i + 1] for the n bytes of src. */
+static void split_even_odd(const uint8_t *src, int64_t n, uint8_t *even, uint8_t *odd) {
+    int64_t i = 0;
+#if KERNEL_X86 && defined(__SSE2__)
+    const __m128i low = _mm_set1_epi16(0x00FF);
+    for (; i + 32 <= n; i += 32) {
+        const __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        const __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        _mm_storeu_si128((__m128i *)(even + i / 2),
+                         _mm_packus_epi16(_mm_and_si128(a, low), _mm_and_si128(b, low)));
+        _mm_storeu_si128((__m128i *)(odd + i / 2),
+                         _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8)));
+    }
+    for (; i + 16 <= n; i += 16) {
+        const __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        _mm_storel_epi64((__m128i *)(even + i / 2), _mm_packus_epi16(_mm_and_si128(a, low), a));
+        _mm_storel_epi64((__m128i *)(odd + i / 2), _mm_packus_epi16(_mm_srli_epi16(a, 8), a));
+    }
+#endif
+    for (; i < n; i++) (i & 1 ? odd : even)[i / 2] = src[i];
+}
+
 /* Whether input row h is read by some tap (strided 1x1 layers skip rows). */
 static inline int row_used(const Geometry *geo, int64_t h) {
     const int64_t hp = h + geo->ph;
@@ -378,11 +400,24 @@ static int produce(const Source *s, const Geometry *geo, int64_t groups, uint8_t
                             sad_interleave_rows(planes + h * w, pixels, w, row + geo->pw * 8);
                             continue;
                         }
-                        sad_interleave_rows(planes + h * w, pixels, w, cells);
-                        for (int64_t x = 0; x < w; x++) {
-                            const int64_t wp = x + geo->pw, b = wp % geo->sw, col = wp / geo->sw;
-                            if (b < geo->aw && col < geo->ws)
-                                memcpy(row + b * geo->plane + col * 8, cells + x * 8, 8);
+                        const int64_t half = (w + 1) / 2;
+                        if (geo->sw == 2) /* each row's even columns, then its odd ones */
+                            for (int64_t e = 0; e < 8; e++)
+                                split_even_odd(planes + e * pixels + h * w, w, cells + e * w,
+                                               cells + e * w + half);
+                        for (int64_t b = 0; b < geo->aw; b++) { /* one phase at a time */
+                            int64_t lo, hi;
+                            phase_columns(geo, b, &lo, &hi);
+                            const int64_t x0 = lo * geo->sw + b - geo->pw; /* first column */
+                            if (geo->sw != 2) {
+                                for (int64_t e = 0; e < 8; e++)
+                                    for (int64_t col = 0; col < hi - lo; col++)
+                                        cells[e * w + col] =
+                                            planes[e * pixels + h * w + x0 + col * geo->sw];
+                            }
+                            const uint8_t *src =
+                                geo->sw == 2 ? cells + (x0 & 1) * half + (x0 >> 1) : cells;
+                            sad_interleave_rows(src, w, hi - lo, row + b * geo->plane + lo * 8);
                         }
                     }
                 }

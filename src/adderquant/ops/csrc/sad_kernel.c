@@ -90,13 +90,8 @@ static void pack_image(const Geometry *g, const uint8_t *x, int64_t n, uint8_t p
         const uint8_t *src = x + (n * g->cin + c8 * 8) * hw;
         for (int64_t a = 0; a < g->ah; a++) {
             for (int64_t b = 0; b < g->aw; b++) {
-                /* Packed columns c with input column c*sw + b - pw inside [0, w). */
-                int64_t c_lo = (g->pw - b + g->sw - 1) / g->sw;
-                if (c_lo < 0) c_lo = 0;
-                const int64_t last = g->w - 1 + g->pw - b; /* may be negative: floor it */
-                int64_t c_hi = (last >= 0 ? last / g->sw : -((-last + g->sw - 1) / g->sw)) + 1;
-                if (c_hi > ws) c_hi = ws;
-                if (c_hi < c_lo) c_hi = c_lo;
+                int64_t c_lo, c_hi;
+                phase_columns(g, b, &c_lo, &c_hi);
                 for (int64_t r = 0; r < g->hs; r++, dst += ws * 8) {
                     const int64_t hi = r * g->sh + a - g->ph;
                     const int inside = hi >= 0 && hi < g->h;

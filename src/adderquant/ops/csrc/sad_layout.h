@@ -32,6 +32,16 @@ int sad_init_geometry(Geometry *g, int64_t n_img, int64_t cin, int64_t h, int64_
                       int64_t cout, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                       int64_t pw);
 
+/* The packed columns [lo, hi) of phase b whose input column col * sw + b - pw lies inside
+ * [0, w); the others hold the padding code. */
+static inline void phase_columns(const Geometry *g, int64_t b, int64_t *lo, int64_t *hi) {
+    const int64_t first = (g->pw - b + g->sw - 1) / g->sw, last = g->w - 1 + g->pw - b;
+    *lo = first < 0 ? 0 : first;
+    *hi = (last >= 0 ? last / g->sw : -((-last + g->sw - 1) / g->sw)) + 1;
+    if (*hi > g->ws) *hi = g->ws;
+    if (*hi < *lo) *hi = *lo;
+}
+
 /* Interleave 8 rows of `count` bytes into `count` cells of 8 bytes: dst[j*8 + e] = row e[j]. */
 void sad_interleave_rows(const uint8_t *rows, int64_t stride, int64_t count, uint8_t *dst);
 
