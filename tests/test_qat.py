@@ -30,6 +30,7 @@ from adderquant.quant.qat import (
     distillation_loss,
     load_checkpoint,
     qat,
+    refresh_bn_checked,
     set_bn_frozen,
     to_quantized,
     to_trainable,
@@ -286,6 +287,27 @@ def test_batch_norm_frozen_throughout_keeps_the_statistics_it_starts_with():
     for k in names:
         assert torch.equal(frozen.state_dict()[k], start[k]), k
         assert not torch.equal(default.state_dict()[k], start[k]), k
+
+
+def test_a_refresh_that_raises_the_kl_is_undone():
+    """The checked refresh keeps new statistics only where they bring the outputs closer to
+    the targets: with the student's own outputs as targets (KL 0 before), any change is undone
+    and the statistics stay bit for bit; against the float model's outputs the refresh of the
+    tiny 2-bit model lowers the KL and is kept."""
+    model, quantized, images, _ = tiny_setup()
+    student = to_trainable(quantized, model)
+    batches = [(images[i:i + 32].float() / 255 - 0.5) / 0.25 for i in (0, 32)]
+    bn = student.bn2
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    with torch.no_grad():
+        own = torch.cat([student.eval()(x) for x in batches])
+        teacher = torch.cat([model(x) for x in batches])
+    outcome = refresh_bn_checked(student, batches, own)
+    assert outcome["kl_before"] == 0.0 and outcome["kl_after"] > 0.0 and not outcome["kept"]
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    outcome = refresh_bn_checked(student, batches, teacher)
+    assert outcome["kept"] and outcome["kl_after"] < outcome["kl_before"]
+    assert not torch.equal(bn.running_mean, before[0])
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):

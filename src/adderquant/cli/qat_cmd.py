@@ -34,6 +34,8 @@ _HELP = {
     "loss": "kl: distillation from the float model's logits; ce: cross-entropy on labels",
     "temperature": "distillation temperature",
     "bn_refresh_batches": "batches re-estimating BatchNorm at the start and before the freeze",
+    "bn_refresh_check": "keep refreshed BatchNorm statistics only where they lower the KL to "
+    "the float model on the refresh images",
     "bn_freeze": "last fraction of the steps with BatchNorm frozen (1: throughout)",
     "true_gradient": "exact sign gradients through the adder op instead of AdderNet's",
     "holdout": "last training images never trained on (agreement and KL)",
@@ -156,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             "agreement": report.get("agreement"), "kl": report.get("kl"),
             "start_agreement": report["start"].get("agreement"),
             "start_kl": report["start"].get("kl"), "steps": report["steps"],
+            "bn_refresh": report["bn_refresh"],
             "seconds": seconds, "out": args.out, "config": cfg.as_dict(),
         })))
         return 0

@@ -8,12 +8,15 @@ returns a model of the same kind as ``quantized`` with the trained codes, steps 
 Recipe (defaults in :class:`~adderquant.quant.qat_config.QATConfig`):
 
 1. BatchNorm statistics refreshed in train mode on the quantized model (cumulative average over
-   ``bn_refresh_batches`` batches of un-augmented training images, as evaluation sees them).
+   ``bn_refresh_batches`` batches of un-augmented training images, as evaluation sees them),
+   kept only if they lower the KL to the float model's logits on those images
+   (``bn_refresh_check``).
 2. Adam with a cosine learning rate (after an optional linear warmup); the adder layers' rate
    is in units of their grid step.
    Loss: ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` to the float model's logits ``t`` (or
    cross-entropy). BatchNorm in train mode.
-3. For the last ``bn_freeze`` of the steps: statistics refreshed again, then frozen (eval mode).
+3. For the last ``bn_freeze`` of the steps: statistics refreshed again (and checked), then
+   frozen (eval mode); ``bn_freeze=1``: frozen throughout.
 
 Data: the training images except the last ``holdout`` (never trained on), in ``views`` fixed
 augmentations (pad-4 crop + flip per image, seeded; where the dataset's training recipe has
@@ -170,6 +173,37 @@ def refresh_bn(student: nn.Module, batches: list[torch.Tensor]) -> None:
             bn.momentum = m
 
 
+@torch.no_grad()
+def refresh_bn_checked(student: nn.Module, batches: list[torch.Tensor],
+                       targets: torch.Tensor) -> dict[str, Any]:
+    """:func:`refresh_bn`, undone unless it lowers the mean KL of the eval-mode student's
+    outputs on ``batches`` from ``targets`` (the float model's logits there). Returns both KLs
+    (nats) and whether the refreshed statistics were kept."""
+    norms = batch_norms(student)
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in norms]
+    before = mean_kl(targets, _eval_logits(student, batches))
+    refresh_bn(student, batches)
+    after = mean_kl(targets, _eval_logits(student, batches))
+    kept = after <= before
+    if not kept:
+        for bn, (mean, var, count) in zip(norms, saved, strict=True):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
+    return {"kl_before": before, "kl_after": after, "kept": kept}
+
+
+@torch.no_grad()
+def _eval_logits(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x) for x in batches])
+    finally:
+        model.train(training)
+
+
 def set_bn_frozen(student: nn.Module, frozen: bool) -> None:
     """Train mode for everything, BatchNorm in eval mode if ``frozen``."""
     student.train()
@@ -286,7 +320,7 @@ def qat(
     source = fingerprint(quantized)
     held = images[n_train:][: cfg.eval_images]
     state: dict[str, Any] = {"epoch": 0, "step": 0, "rows": [], "teacher": {},
-                             "held_reference": None, "start": {}}
+                             "held_reference": None, "start": {}, "bn_refresh": {}}
     if resume and Path(checkpoint).exists():
         saved = load_checkpoint(checkpoint)
         if saved["source"] != source or saved["config"] != cfg.as_dict():
@@ -304,6 +338,22 @@ def qat(
         return [prepare(train_images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
                 for i in range(count)]
 
+    def refresh(student: nn.Module, when: str) -> None:
+        """Refresh the BatchNorm statistics (checked against the teacher if asked for)."""
+        batches = refresh_batches()
+        if not cfg.bn_refresh_check:
+            refresh_bn(student, batches)
+            return
+        with torch.no_grad():
+            targets = torch.cat([teacher(x) for x in batches])
+        outcome = refresh_bn_checked(student, batches, targets)
+        state.setdefault("bn_refresh", {})[when] = outcome
+        if progress:
+            tqdm.write(f"BatchNorm refresh ({when}): KL on the refresh images "
+                       f"{1000 * outcome['kl_before']:.2f}e-3 -> "
+                       f"{1000 * outcome['kl_after']:.2f}e-3 nats, "
+                       f"{'kept' if outcome['kept'] else 'undone'}")
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if state["held_reference"] is None and len(held):
@@ -313,7 +363,7 @@ def qat(
                 tqdm.write(f"start: held-out agreement {state['start']['agreement']:.2f} %, KL "
                            f"{1000 * state['start']['kl']:.2f}e-3 nats")
         if state["step"] == 0 and cfg.bn_refresh_batches:
-            refresh_bn(student, refresh_batches())
+            refresh(student, "start")
         for epoch in range(state["epoch"], epochs):
             view = epoch % view_count
             cache = state["teacher"].setdefault(view, torch.full(
@@ -329,7 +379,7 @@ def qat(
             for b in bar:
                 if freeze_at is not None and state["step"] == freeze_at and freeze_at > 0:
                     if cfg.bn_refresh_batches:
-                        refresh_bn(student, refresh_batches())
+                        refresh(student, "freeze")
                     set_bn_frozen(student, True)
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 x = prepare(views.batch(view, idx))
@@ -378,7 +428,8 @@ def qat(
     model.train(training[1])
     report = {"config": cfg.as_dict(), "epochs": state["rows"], "steps": state["step"],
               "seconds": time.perf_counter() - start_time, "train_images": n_train,
-              "held_out_images": len(held), "start": state["start"]}
+              "held_out_images": len(held), "start": state["start"],
+              "bn_refresh": state.get("bn_refresh", {})}
     if state["rows"] and "agreement" in state["rows"][-1]:
         report.update(agreement=state["rows"][-1]["agreement"], kl=state["rows"][-1]["kl"])
     return result, report

@@ -29,6 +29,9 @@ class QATConfig:
     loss: str = "kl"  # kl: distillation from the float model's logits; ce: cross-entropy
     temperature: float = 1.0  # of the distillation loss (multiplied back by T^2)
     bn_refresh_batches: int = 50  # train-mode batches re-estimating BatchNorm at start/freeze
+    # keep refreshed statistics only where they lower the KL to the float model's logits on the
+    # refresh images (else the statistics the model had); false: always keep them
+    bn_refresh_check: bool = True
     # last fraction of the steps with BatchNorm frozen (eval mode); 1: frozen throughout, with
     # the statistics of the start (refreshed if bn_refresh_batches, else the model's own)
     bn_freeze: float = 0.25
