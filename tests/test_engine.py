@@ -212,6 +212,15 @@ def test_integer_producers_on_long_rows(relu):
         assert torch.equal(got, packed_reference(want, torch.tensor([z]), geometry))
 
 
+def float_codes_reference(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                          geometry: ConvGeometry) -> torch.Tensor:
+    """torch's codes of ``x`` on every grid (division, round half to even, clamp), packed grid
+    by grid with the sad kernel's packer."""
+    codes = torch.clamp(torch.round(x.unsqueeze(0) / scale.view(-1, 1, 1, 1, 1))
+                        + zero.view(-1, 1, 1, 1, 1).float(), 0, (1 << bits) - 1)
+    return packed_reference(codes.to(torch.uint8).numpy(), zero, geometry)
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_codes_from_float_match_torch_rounding(geometry):
     x = torch.randn(3, 5, 6, 6) * 4
@@ -219,9 +228,7 @@ def test_codes_from_float_match_torch_rounding(geometry):
     scale = torch.tensor([1.0, 0.37, 0.05])
     zero = torch.tensor([0, 2, 9], dtype=torch.int32)
     got = codes_from_float(x, scale, zero, 5, geometry)
-    want = torch.clamp(torch.round(x.unsqueeze(0) / scale.view(-1, 1, 1, 1, 1))
-                       + zero.view(-1, 1, 1, 1, 1).float(), 0, 31).to(torch.uint8)
-    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
+    assert torch.equal(got, float_codes_reference(x, scale, zero, 5, geometry))
 
 
 def test_codes_from_float_long_rows_with_ties_clamps_and_nonfinite_values():
@@ -234,9 +241,7 @@ def test_codes_from_float_long_rows_with_ties_clamps_and_nonfinite_values():
     scale = torch.tensor([0.5, 0.125])
     zero = torch.tensor([3, 0], dtype=torch.int32)
     got = codes_from_float(x, scale, zero, 6, geometry)
-    want = torch.clamp(torch.round(x.unsqueeze(0) / scale.view(-1, 1, 1, 1, 1))
-                       + zero.view(-1, 1, 1, 1, 1).float(), 0, 63).to(torch.uint8)
-    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
+    assert torch.equal(got, float_codes_reference(x, scale, zero, 6, geometry))
     for index, value in [((1, 2, 3, 4), float("nan")), ((0, 1, 10, 12), float("-inf"))]:
         bad = x.clone()
         bad[index] = value
@@ -258,9 +263,7 @@ def test_codes_from_float_strided_rows(geometry, width):
     scale = torch.tensor([0.3, 0.11])
     zero = torch.tensor([5, 0], dtype=torch.int32)
     got = codes_from_float(x, scale, zero, 4, geometry)
-    want = torch.clamp(torch.round(x.unsqueeze(0) / scale.view(-1, 1, 1, 1, 1))
-                       + zero.view(-1, 1, 1, 1, 1).float(), 0, 15).to(torch.uint8)
-    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
+    assert torch.equal(got, float_codes_reference(x, scale, zero, 4, geometry))
 
 
 @pytest.mark.parametrize("scale", [0.37, 0.1, 1 / 3, 0.0123, 7.7, 1e-39, 1e38, 2.0**-20])
@@ -284,8 +287,7 @@ def test_codes_from_float_next_to_half_steps(scale):
     x = torch.where(torch.isfinite(x), x, 0.0)[: len(x) // 64 * 64].view(4, 1, -1, 16)
     zero = torch.tensor([128], dtype=torch.int32)
     got = codes_from_float(x, s, zero, 8, geometry)
-    want = torch.clamp(torch.round(x / s) + 128, 0, 255).to(torch.uint8).unsqueeze(0)
-    assert torch.equal(got, packed_reference(want.numpy(), zero, geometry))
+    assert torch.equal(got, float_codes_reference(x, s, zero, 8, geometry))
 
 
 def fakequant64(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
