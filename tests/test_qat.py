@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adderquant.cli import main
+from adderquant.data import NORMALISATION, load_cifar, normalize
 from adderquant.engine import export_model, load
 from adderquant.models import create_model
 from adderquant.nn import Adder2d
@@ -29,7 +30,10 @@ from adderquant.quant.qat import (
     AugmentedViews,
     distillation_loss,
     load_checkpoint,
+    mean_kl,
     qat,
+    refresh_batches,
+    refresh_bn,
     refresh_bn_checked,
     set_bn_frozen,
     to_quantized,
@@ -426,6 +430,31 @@ def test_views_are_the_images_themselves_without_augmentation():
     assert all(torch.equal(plain.batch(v, idx), images[idx]) for v in range(3))
     shifted = AugmentedViews(images, seed=0).batch(1, idx)
     assert shifted.shape == images[idx].shape and not torch.equal(shifted, images[idx])
+
+
+def test_refresh_batches_hold_the_statistics_the_float_model_was_given(
+        released_resnet20: nn.Module, cifar10_dir: Path):
+    """The released ResNet-20's BatchNorm statistics come from augmented training images: a
+    refresh of the float model itself on the refresh batches (augmented) leaves its held-out
+    outputs nearly unchanged, one on the same images un-augmented moves them far more (the
+    refresh of a quantized student must not add that shift)."""
+    images, _ = load_cifar(cifar10_dir.parent, "cifar10", train=True)
+    mean, std = NORMALISATION["cifar10"]
+    prepare = lambda x: normalize(x, mean, std)  # noqa: E731
+    cfg = QATConfig(bn_refresh_batches=12)
+    train, held = images[:-10000], prepare(images[-10000:][:500])
+    with torch.no_grad():
+        reference = released_resnet20(held)
+    shifts = {}
+    for augment in (True, False):
+        batches = refresh_batches(AugmentedViews(train, cfg.seed, augment), cfg, prepare)
+        assert len(batches) == 12 and batches[0].shape == (128, 3, 32, 32)
+        model = copy.deepcopy(released_resnet20)
+        refresh_bn(model, batches)
+        with torch.no_grad():
+            shifts[augment] = mean_kl(reference, model.eval()(held))
+    assert shifts[True] < 0.005
+    assert shifts[False] > 10 * shifts[True]
 
 
 def _cli_json(args: list[str], capsys) -> dict:
