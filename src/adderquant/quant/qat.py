@@ -164,11 +164,14 @@ def refresh_batches(views: AugmentedViews, cfg: QATConfig,
     gathered on augmented images, so the student's must be too: refreshed on un-augmented
     images, the released ResNet-20 itself moves away from its own outputs (held-out KL
     0.09 nats, against 0.0004 on augmented ones), more than 3-bit quantization moves it."""
-    n = len(views.images)
+    return [prepare(views.batch(0, idx)) for idx in refresh_indices(len(views.images), cfg)]
+
+
+def refresh_indices(n: int, cfg: QATConfig) -> list[torch.Tensor]:
+    """The image indices of :func:`refresh_batches`' batches among ``n`` training images."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     count = min(cfg.bn_refresh_batches, max(1, n // cfg.batch_size))
-    size = cfg.batch_size
-    return [prepare(views.batch(0, order[i * size:(i + 1) * size])) for i in range(count)]
+    return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(count)]
 
 
 @torch.no_grad()
@@ -346,14 +349,25 @@ def qat(
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
 
+    outputs = _num_outputs(teacher, train_images[:1], prepare)
+
+    def teacher_logits(view: int, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The float model's logits of the images ``idx`` in ``view`` (``x``: those images,
+        prepared), computed once per image and view and kept in the state."""
+        cache = state["teacher"].setdefault(view, torch.full((n_train, outputs), float("nan")))
+        if torch.isnan(cache[idx, 0]).any():
+            with torch.no_grad():
+                cache[idx] = teacher(x)
+        return cache[idx]
+
     def refresh(student: nn.Module, when: str) -> None:
         """Refresh the BatchNorm statistics (checked against the teacher if asked for)."""
         batches = refresh_batches(views, cfg, prepare)
         if not cfg.bn_refresh_check:
             refresh_bn(student, batches)
             return
-        with torch.no_grad():
-            targets = torch.cat([teacher(x) for x in batches])
+        targets = torch.cat([teacher_logits(0, idx, x) for idx, x in
+                             zip(refresh_indices(n_train, cfg), batches, strict=True)])
         outcome = refresh_bn_checked(student, batches, targets)
         state.setdefault("bn_refresh", {})[when] = outcome
         if progress:
@@ -374,8 +388,6 @@ def qat(
             refresh(student, "start")
         for epoch in range(state["epoch"], epochs):
             view = epoch % view_count
-            cache = state["teacher"].setdefault(view, torch.full(
-                (n_train, _num_outputs(teacher, train_images[:1], prepare)), float("nan")))
             order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + 7919 * (epoch + 1)))
             set_bn_frozen(student, freeze_at is not None and state["step"] >= freeze_at)
@@ -392,10 +404,7 @@ def qat(
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 x = prepare(views.batch(view, idx))
                 y = train_labels[idx]
-                if torch.isnan(cache[idx, 0]).any():
-                    with torch.no_grad():
-                        cache[idx] = teacher(x)
-                target = cache[idx]
+                target = teacher_logits(view, idx, x)
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * schedule(state["step"], total, warmup)
                 out = student(x)
