@@ -277,6 +277,8 @@ def test_qat_returns_a_quantized_model_and_lowers_held_out_kl():
     assert len(layers) == 1 and not result.training
     assert report["steps"] == 6 * (64 // 16) and len(report["epochs"]) == 6
     assert report["kl"] < report["start"]["kl"]
+    moved = (layers[0].weight_codes != quantized.adder.weight_codes).double().mean()
+    assert 0 < report["changed_codes"] == pytest.approx(float(moved), abs=1e-12)
 
 
 def test_batch_norm_frozen_throughout_keeps_the_statistics_it_starts_with():

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             "agreement": report.get("agreement"), "kl": report.get("kl"),
             "start_agreement": report["start"].get("agreement"),
             "start_kl": report["start"].get("kl"), "steps": report["steps"],
-            "bn_refresh": report["bn_refresh"],
+            "changed_codes": report["changed_codes"], "bn_refresh": report["bn_refresh"],
             "seconds": seconds, "out": args.out, "config": cfg.as_dict(),
         })))
         return 0
@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"held-out ({held} images): agreement {report['start']['agreement']:.2f} % -> "
               f"{report['agreement']:.2f} %, KL {1000 * report['start']['kl']:.2f} -> "
               f"{1000 * report['kl']:.2f} x10^-3 nats")
+    print(f"weight codes changed by training: {100 * report['changed_codes']:.2f} %")
     print("  ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     if args.out:
         print(f"saved {args.out}")

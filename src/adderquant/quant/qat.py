@@ -444,12 +444,25 @@ def qat(
     quantized.train(training[0])
     model.train(training[1])
     report = {"config": cfg.as_dict(), "epochs": state["rows"], "steps": state["step"],
+              "changed_codes": changed_codes(quantized, result),
               "seconds": time.perf_counter() - start_time, "train_images": n_train,
               "held_out_images": len(held), "start": state["start"],
               "bn_refresh": state.get("bn_refresh", {})}
     if state["rows"] and "agreement" in state["rows"][-1]:
         report.update(agreement=state["rows"][-1]["agreement"], kl=state["rows"][-1]["kl"])
     return result, report
+
+
+def changed_codes(start: nn.Module, trained: nn.Module) -> float:
+    """Fraction of all adder weight codes of ``trained`` that differ from ``start``'s (the
+    same network, both with ``QuantAdder2d`` layers)."""
+    before = {n: m.weight_codes for n, m in start.named_modules() if isinstance(m, QuantAdder2d)}
+    changed = total = 0
+    for name, m in trained.named_modules():
+        if isinstance(m, QuantAdder2d):
+            changed += int((m.weight_codes != before[name]).sum())
+            total += m.weight_codes.numel()
+    return changed / max(total, 1)
 
 
 def held_out_scores(qmodel: nn.Module, held: torch.Tensor, prepare: Callable,
