@@ -12,17 +12,13 @@ training images, which QAT never trains on.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
 import torch
 from torch import nn
 
-from adderquant.data import NORMALISATION, load_dataset, normalize
-from adderquant.hub import checkpoint_path
-from adderquant.models import create_model, load_pretrained, model_record
-from adderquant.quant.io import load_quantized
+import held_out
 from adderquant.quant.qat import (
     AugmentedViews,
     batch_norms,
@@ -33,8 +29,6 @@ from adderquant.quant.qat import (
     to_trainable,
 )
 from adderquant.quant.qat_config import QATConfig
-
-HOLDOUT = 10_000
 
 
 def refreshed(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
@@ -57,27 +51,13 @@ def differential(student: nn.Module, model: nn.Module, batches: list[torch.Tenso
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quantized", required=True,
-                        help="a quantized adder ResNet-20 (adderquant ptq --out FILE)")
-    parser.add_argument("--batches", type=int, default=50, help="refresh batches of 128")
-    parser.add_argument("--seed", type=int, default=0, help="refresh batches and augmentation")
-    parser.add_argument("--held", type=int, default=2000, help="held-out images scored")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if not 0 < args.held <= HOLDOUT:
-        parser.error(f"--held must be in 1..{HOLDOUT}")
-    torch.set_num_threads(args.threads)
-
-    model = load_pretrained(create_model("resnet20"),
-                            checkpoint_path(model_record("resnet20"))).eval()
-    quantized, _ = load_quantized(args.quantized)
-    student = to_trainable(quantized, model).eval()
-    images, _ = load_dataset("cifar10", train=True)
-    mean, std = NORMALISATION["cifar10"]
-    prepare = lambda x: normalize(x, mean, std)  # noqa: E731
-    train, held = images[:-HOLDOUT], images[-HOLDOUT:][: args.held]
+    p = held_out.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, default=50, help="refresh batches of 128")
+    p.add_argument("--seed", type=int, default=0, help="refresh batches and augmentation")
+    args = p.parse_args()
+    setup = held_out.load(p, args)
+    model, prepare, train, held = setup.model, setup.prepare, setup.train, setup.held
+    student = to_trainable(setup.quantized, model).eval()
     cfg = QATConfig(bn_refresh_batches=args.batches, seed=args.seed)
     plain = refresh_batches(AugmentedViews(train, args.seed, augment=False), cfg, prepare)
     augmented = refresh_batches(AugmentedViews(train, args.seed, augment=True), cfg, prepare)

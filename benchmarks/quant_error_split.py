@@ -12,7 +12,6 @@ uses.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from collections.abc import Callable
@@ -20,15 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adderquant.data import NORMALISATION, load_dataset, normalize
-from adderquant.hub import checkpoint_path
-from adderquant.models import create_model, load_pretrained, model_record
+import held_out
 from adderquant.ops import adder2d
-from adderquant.quant.io import load_quantized
 from adderquant.quant.layers import QuantAdder2d, replace_module
 from adderquant.quant.qat import batched_logits, mean_kl
-
-HOLDOUT = 10_000
 
 
 class WeightsOnly(nn.Module):
@@ -70,25 +64,11 @@ def variant(quantized: nn.Module, make: Callable[[str, QuantAdder2d], nn.Module]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quantized", required=True,
-                        help="a quantized adder ResNet-20 (adderquant ptq --out FILE)")
-    parser.add_argument("--held", type=int, default=2000, help="held-out images scored")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if not 0 < args.held <= HOLDOUT:
-        parser.error(f"--held must be in 1..{HOLDOUT}")
-    torch.set_num_threads(args.threads)
-
-    model = load_pretrained(create_model("resnet20"),
-                            checkpoint_path(model_record("resnet20"))).eval()
+    p = held_out.parser(__doc__.split("\n\n")[0])
+    args = p.parse_args()
+    setup = held_out.load(p, args)
+    model, quantized, held, prepare = setup.model, setup.quantized, setup.held, setup.prepare
     floats = dict(model.named_modules())
-    quantized, _ = load_quantized(args.quantized)
-    images, _ = load_dataset("cifar10", train=True)
-    mean, std = NORMALISATION["cifar10"]
-    prepare = lambda x: normalize(x, mean, std)  # noqa: E731
-    held = images[-HOLDOUT:][: args.held]
     reference = batched_logits(model, held, prepare)
 
     rows = {}
