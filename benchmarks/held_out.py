@@ -44,7 +44,10 @@ def load(p: argparse.ArgumentParser, args: argparse.Namespace) -> Setup:
     torch.set_num_threads(args.threads)
     model = load_pretrained(create_model("resnet20"),
                             checkpoint_path(model_record("resnet20"))).eval()
-    quantized, _ = load_quantized(args.quantized)
+    try:
+        quantized, _ = load_quantized(args.quantized)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     images, _ = load_dataset("cifar10", train=True)
     mean, std = NORMALISATION["cifar10"]
     return Setup(model, quantized, images[:-HOLDOUT], images[-HOLDOUT:][: args.held],

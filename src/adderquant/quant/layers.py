@@ -222,13 +222,19 @@ class QuantAdder2d(nn.Module):
             y = self._integer_forward(x)
             if y is not None:
                 return y  # else NaN/inf inputs: the float path follows the definition
-        w_hat = self.dequantized_weight()
+        y = self.adder_on_grids(x, self.dequantized_weight())
+        return y + (self.clamp_bias + self.bias).view(1, -1, 1, 1)
+
+    def adder_on_grids(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``−Σ|x̂ − w|`` per output channel, ``x̂`` the input on that channel's grid and ``w``
+        the given weights: the float path of :meth:`forward` with ``ŵ``, or any other weights
+        of the same shape (e.g. the float layer's)."""
         scales, zero_points, label = self._grids()
-        g, c_out = len(scales), w_hat.shape[0]
+        g, c_out = len(scales), w.shape[0]
         geometry = (self.stride, self.padding, self.dilation)
         if g == 1:
             x_hat = fake_quant_act(x, scales[0], zero_points[0], self.codes)
-            y = adder2d(x_hat, w_hat, None, *geometry, eta=None)
+            y = adder2d(x_hat, w, None, *geometry, eta=None)
         else:
             x_hat = fake_quant_act(
                 x.unsqueeze(1), scales.view(1, -1, 1, 1, 1), zero_points.view(1, -1, 1, 1, 1),
@@ -236,18 +242,18 @@ class QuantAdder2d(nn.Module):
             )
             slot, m = self._stacked_slots(label, g)
             if g * m <= STACKED_WASTE * c_out:  # one grouped call, little padding
-                w_stack = w_hat.new_zeros((g * m,) + w_hat.shape[1:])
-                w_stack[slot] = w_hat
+                w_stack = w.new_zeros((g * m,) + w.shape[1:])
+                w_stack[slot] = w
                 n, _, c, h, wd = x_hat.shape
                 y = adder2d(
                     x_hat.reshape(n, g * c, h, wd), w_stack, None, *geometry, groups=g, eta=None
                 )[:, slot]
             else:  # unbalanced grids: one call per grid, no padded filters
                 parts = [torch.nonzero(label == j).squeeze(1) for j in range(g)]
-                outs = [adder2d(x_hat[:, j], w_hat[idx], None, *geometry, eta=None)
+                outs = [adder2d(x_hat[:, j], w[idx], None, *geometry, eta=None)
                         for j, idx in enumerate(parts)]
                 y = torch.cat(outs, dim=1)[:, torch.argsort(torch.cat(parts))]
-        return y + (self.clamp_bias + self.bias).view(1, -1, 1, 1)
+        return y
 
     def get_extra_state(self) -> dict:
         return {
